@@ -1,0 +1,466 @@
+"""Qwen2.5-VL in Flax NNX: vision tower (windowed + full-attention blocks, 2-D RoPE, patch merger),
+Qwen2 language model with M-RoPE, and the host-side index math (rope index, vision layout).
+
+Module attribute names mirror the HF checkpoint keys so `sparrow_jax.io.hf_checkpoint` can map them
+mechanically. Host-side helpers are numpy: they depend only on token ids and grid sizes, which are
+known before the jitted call, and fix the shapes of one compiled executable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.layers import DecoderLayer, GatedMLP, RMSNorm, apply_rope, linear, mrope_cos_sin, rope_inv_freq
+
+# ----------------------------------------------------------------------------------------- configs
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a model we support."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int
+    fullatt_block_indexes: tuple[int, ...]
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    tokens_per_second: float = 4
+    window_size: int = 112
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 128000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    tie_word_embeddings: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    family: str = "qwen2_5_vl"
+
+    def __post_init__(self):
+        t = self.text
+        if t.hidden_size % t.num_attention_heads or t.num_attention_heads % t.num_key_value_heads:
+            raise ConfigError(f"text config: hidden_size {t.hidden_size}, heads {t.num_attention_heads}, "
+                              f"kv heads {t.num_key_value_heads} do not divide")
+        if sum(t.mrope_section) * 2 != t.head_dim:
+            raise ConfigError(f"text config: mrope_section {list(t.mrope_section)} sums to {sum(t.mrope_section)}, "
+                              f"must be head_dim/2 = {t.head_dim // 2}")
+        v = self.vision
+        if v.hidden_size % v.num_heads or (v.head_dim // 2) % 2:
+            raise ConfigError(f"vision config: hidden_size {v.hidden_size} / num_heads {v.num_heads} must give an "
+                              "even head_dim divisible by 4")
+
+    @property
+    def num_layers(self) -> int:
+        return self.text.num_hidden_layers
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, *, source: str = "config.json") -> "Qwen25VLConfig":
+        mt = d.get("model_type")
+        if mt not in ("qwen2_5_vl", None):
+            raise ConfigError(f"{source}: model_type {mt!r} is not qwen2_5_vl")
+        try:
+            t = d.get("text_config") or d  # older configs keep text fields at the top level
+            rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+            v = d["vision_config"]
+            text = TextConfig(
+                vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+                rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+                rope_theta=float(rope.get("rope_theta", t.get("rope_theta", 1e6))),
+                mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+                hidden_act=t.get("hidden_act", "silu"),
+                max_position_embeddings=t.get("max_position_embeddings", 128000),
+            )
+            vrope = v.get("rope_parameters") or {}
+            vision = VisionConfig(
+                depth=v["depth"], hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"],
+                num_heads=v["num_heads"], out_hidden_size=v["out_hidden_size"],
+                fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+                in_channels=v.get("in_channels", 3), patch_size=v.get("patch_size", 14),
+                spatial_merge_size=v.get("spatial_merge_size", 2),
+                temporal_patch_size=v.get("temporal_patch_size", 2),
+                tokens_per_second=v.get("tokens_per_second", 4), window_size=v.get("window_size", 112),
+                hidden_act=v.get("hidden_act", "silu"), rope_theta=float(vrope.get("rope_theta", 10000.0)),
+            )
+            eos = t.get("eos_token_id", d.get("eos_token_id"))
+            eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+            return cls(text=text, vision=vision, image_token_id=d["image_token_id"],
+                       video_token_id=d["video_token_id"], vision_start_token_id=d["vision_start_token_id"],
+                       vision_end_token_id=d["vision_end_token_id"],
+                       tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+                       eos_token_ids=tuple(e for e in eos if 0 <= e < text.vocab_size))
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_dir(cls, path) -> "Qwen25VLConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise ConfigError(f"{p}: not found (expected a HF checkpoint directory)")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=str(p))
+
+    def to_hf_dict(self) -> dict:
+        t, v = self.text, self.vision
+        return {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id, "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "text_config": {
+                "model_type": "qwen2_5_vl_text", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+                "rms_norm_eps": t.rms_norm_eps, "hidden_act": t.hidden_act,
+                "max_position_embeddings": t.max_position_embeddings,
+                "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
+                                    "mrope_section": list(t.mrope_section)},
+                "eos_token_id": list(self.eos_token_ids) if self.eos_token_ids else None,
+            },
+            "vision_config": {
+                "model_type": "qwen2_5_vl_vision", "depth": v.depth, "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
+                "out_hidden_size": v.out_hidden_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
+                "in_channels": v.in_channels, "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+                "tokens_per_second": v.tokens_per_second, "window_size": v.window_size, "hidden_act": v.hidden_act,
+                "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+            },
+        }
+
+
+# ------------------------------------------------------------------------------ host-side layouts
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SegmentLayout:
+    """Contiguous attention segments gathered into a padded [n_seg, L] block (the segments become the
+    batch axis of `attention`), and each token's slot in that block for the way back."""
+
+    gather_idx: jax.Array  # [n_seg, L] token index (0 where padded)
+    seg_len: jax.Array  # [n_seg]
+    token_slot: jax.Array  # [n_tokens] = seg * L + offset
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionLayout:
+    """Everything the vision tower needs besides pixels, for a fixed list of grids."""
+
+    patch_perm: jax.Array  # [P] window order of patches (merge units stay together)
+    rot_pos: jax.Array  # [P, 2] (h, w) rotary positions, already in window order
+    full: SegmentLayout  # per-frame segments (fullatt blocks)
+    window: SegmentLayout  # per-window segments (other blocks)
+    merged_unperm: jax.Array  # [P / merge^2] back to raster order after the merger
+
+
+def _segment_layout(seg_lens) -> SegmentLayout:
+    seg_lens = np.asarray([s for s in seg_lens if s > 0], np.int64)
+    L = int(seg_lens.max())
+    starts = np.concatenate([[0], np.cumsum(seg_lens)[:-1]])
+    offs = np.arange(L)
+    gather = starts[:, None] + offs[None, :]
+    gather = np.where(offs[None, :] < seg_lens[:, None], gather, 0)
+    seg_of_tok = np.repeat(np.arange(len(seg_lens)), seg_lens)
+    off_of_tok = np.arange(seg_lens.sum()) - np.repeat(starts, seg_lens)
+    return SegmentLayout(jnp.asarray(gather, jnp.int32), jnp.asarray(seg_lens, jnp.int32),
+                         jnp.asarray(seg_of_tok * L + off_of_tok, jnp.int32))
+
+
+def vision_layout(grids_thw, vcfg: VisionConfig) -> VisionLayout:
+    """Window reordering, rotary ids and attention segments for a list of (t, h, w) patch grids,
+    as transformers' `get_vision_window_index` / `get_vision_position_ids` / cu_seqlens define them."""
+    m = vcfg.spatial_merge_size
+    unit = m * m
+    win = vcfg.window_size // m // vcfg.patch_size
+    window_index, win_lens, frame_lens, rot = [], [], [], []
+    offset = 0
+    for t, h, w in grids_thw:
+        lh, lw = h // m, w // m
+        idx = np.arange(t * lh * lw).reshape(t, lh, lw)
+        ph, pw = win - lh % win, win - lw % win
+        nh, nw = (lh + ph) // win, (lw + pw) // win
+        padded = np.pad(idx, ((0, 0), (0, ph), (0, pw)), constant_values=-100)
+        padded = padded.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(t, nh * nw, win * win)
+        win_lens.extend(((padded != -100).sum(-1).reshape(-1) * unit).tolist())
+        flat = padded.reshape(-1)
+        window_index.append(flat[flat != -100] + offset)
+        offset += t * lh * lw
+        frame_lens.extend([h * w] * t)
+        hp, wp = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        hp = hp.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+        wp = wp.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
+        rot.append(np.tile(np.stack([hp, wp], -1), (t, 1)))
+    window_index = np.concatenate(window_index)
+    patch_perm = (window_index[:, None] * unit + np.arange(unit)[None]).reshape(-1)
+    rot = np.concatenate(rot)[patch_perm]
+    return VisionLayout(
+        patch_perm=jnp.asarray(patch_perm, jnp.int32), rot_pos=jnp.asarray(rot, jnp.int32),
+        full=_segment_layout(frame_lens), window=_segment_layout(win_lens),
+        merged_unperm=jnp.asarray(np.argsort(window_index), jnp.int32),
+    )
+
+
+def rope_index(input_ids, mm_token_type_ids, grids_thw, second_per_grid_ts, cfg: Qwen25VLConfig):
+    """3-D M-RoPE positions [3, T] and rope delta for one unpadded row, as transformers 5.23's
+    `get_rope_index`: text runs count up by 1; a visual block starts at the running position p,
+    t = p + floor(i * tokens_per_second * second_per_grid_t) (images: interval 1), h/w = p + index on
+    the merged grid; text after the block resumes at p + max(h, w) / merge. delta = max + 1 - T."""
+    types = np.asarray(mm_token_type_ids)
+    m = cfg.vision.spatial_merge_size
+    grids, secs = iter(grids_thw), iter(second_per_grid_ts)
+    pos, cur = [], 0
+    for key, group in itertools.groupby(enumerate(types.tolist()), lambda x: x[1]):
+        group = list(group)
+        n = len(group)
+        if key == 0:
+            pos.append(np.broadcast_to(np.arange(n) + cur, (3, n)))
+            cur += n
+            continue
+        t, h, w = next(grids)
+        sec = next(secs)
+        # float32 like torch: (arange(t) * (tokens_per_second * second_per_grid_t)).long()
+        interval = np.float32(cfg.vision.tokens_per_second) * np.float32(sec) if key == 2 else np.float32(1)
+        lt, lh, lw = t, h // m, w // m
+        if lt * lh * lw != n:
+            raise ValueError(f"visual block of {n} tokens does not match grid {(t, h, w)} ({lt * lh * lw} tokens)")
+        tt = (np.arange(lt, dtype=np.float32) * interval).astype(np.int64)
+        T_, H_, W_ = np.meshgrid(tt, np.arange(lh) + cur, np.arange(lw) + cur, indexing="ij")
+        pos.append(np.stack([T_.reshape(-1) + cur, H_.reshape(-1), W_.reshape(-1)]))
+        cur += max(h, w) // m
+    pos = np.concatenate(pos, axis=1) if pos else np.zeros((3, 0), np.int64)
+    delta = int(pos.max()) + 1 - pos.shape[1] if pos.size else 0
+    return pos.astype(np.int32), delta
+
+
+# ------------------------------------------------------------------------------------------ modules
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype):
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
+        self.proj = linear(cfg.hidden_size, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_PD, cos_PE, sin_PE, seg: SegmentLayout, impl):
+        P = x_PD.shape[0]
+        q, k, v = jnp.moveaxis(self.qkv(x_PD).reshape(P, 3, self.num_heads, self.head_dim), 1, 0)
+        q = apply_rope(q[None], cos_PE[None], sin_PE[None])[0]
+        k = apply_rope(k[None], cos_PE[None], sin_PE[None])[0]
+        gather = lambda x: x[seg.gather_idx]  # noqa: E731  [n_seg, L, heads, E]
+        o = attn_lib.attention(gather(q), gather(k), gather(v), attn_lib.MaskSpec(kv_len_B=seg.seg_len), impl=impl)
+        o_PHE = o.reshape(-1, self.num_heads, self.head_dim)[seg.token_slot]
+        return self.proj(o_PHE.reshape(P, -1))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype):
+        self.norm1 = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
+        self.norm2 = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
+        self.attn = VisionAttention(cfg, rngs=rngs, dtype=dtype)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_PD, cos, sin, seg, impl):
+        x_PD = x_PD + self.attn(self.norm1(x_PD), cos, sin, seg, impl)
+        return x_PD + self.mlp(self.norm2(x_PD))
+
+
+class PatchMerger(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype):
+        self.unit_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
+        self.fc1 = linear(self.unit_dim, self.unit_dim, bias=True, rngs=rngs, dtype=dtype)
+        self.fc2 = linear(self.unit_dim, cfg.out_hidden_size, bias=True, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_PD):
+        x = self.ln_q(x_PD).reshape(-1, self.unit_dim)
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class VisionTower(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, rngs, dtype):
+        self.cfg = cfg
+        self.patch_embed = linear(cfg.patch_dim, cfg.hidden_size, bias=False, rngs=rngs, dtype=dtype)
+        self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype)
+
+    def __call__(self, pixels_PC, layout: VisionLayout, impl="xla", return_block_states=False):
+        """pixels [P, C*tp*p*p] (all visuals concatenated) -> merged features [P/merge^2, out]."""
+        x = self.patch_embed(pixels_PC.astype(self.patch_embed.kernel.dtype))[layout.patch_perm]
+        inv = rope_inv_freq(self.cfg.head_dim // 2, self.cfg.rope_theta)
+        f = layout.rot_pos.astype(jnp.float32)[..., None] * inv  # [P, 2, E/4]
+        f = jnp.concatenate([f[:, 0], f[:, 1]], -1)
+        emb = jnp.concatenate([f, f], -1)
+        cos, sin = jnp.cos(emb), jnp.sin(emb)
+        states = []
+        for i, blk in enumerate(self.blocks):
+            seg = layout.full if i in self.cfg.fullatt_block_indexes else layout.window
+            x = blk(x, cos, sin, seg, impl)
+            states.append(x)
+        out = self.merger(x)[layout.merged_unperm]
+        return (out, states) if return_block_states else out
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, rngs, dtype):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                                      embedding_init=nnx.initializers.normal(0.02))
+        self.layers = nnx.List([
+            DecoderLayer(dim=cfg.hidden_size, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                         head_dim=cfg.head_dim, mlp_dim=cfg.intermediate_size, act=cfg.hidden_act,
+                         eps=cfg.rms_norm_eps, qkv_bias=True, rngs=rngs, dtype=dtype)
+            for _ in range(cfg.num_hidden_layers)
+        ])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x_BTD, cos, sin, mask, caches=None, impl="xla", capture=()):
+        """Returns (final-norm hidden, per-layer new (k, v), {i: hidden state i for i in capture}).
+        Hidden state 0 = input embeddings, i = output of layer i (transformers' numbering)."""
+        captured, new_kv = ({0: x_BTD} if 0 in capture else {}), []
+        for i, layer in enumerate(self.layers):
+            x_BTD, kv = layer(x_BTD, cos, sin, mask, None if caches is None else caches[i], impl)
+            new_kv.append(kv)
+            if i + 1 in capture:
+                captured[i + 1] = x_BTD
+        return self.norm(x_BTD), tuple(new_kv), captured
+
+
+class Qwen25VL(nnx.Module):
+    """The target: vision tower + Qwen2 LM + LM head. Holds no state besides parameters."""
+
+    def __init__(self, cfg: Qwen25VLConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype)
+        self.model = TextModel(cfg.text, rngs=rngs, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else linear(
+            cfg.text.hidden_size, cfg.text.vocab_size, bias=False, rngs=rngs, dtype=dtype)
+
+    # --- pieces the family-agnostic target API calls ---
+    def embed(self, ids_BT):
+        return self.model.embed_tokens(ids_BT)
+
+    def logits(self, h_BTD):
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(h_BTD)
+        return self.lm_head(h_BTD)
+
+    def rope(self, positions_3BT):
+        t = self.cfg.text
+        return mrope_cos_sin(positions_3BT, t.head_dim, t.rope_theta, t.mrope_section)
+
+    def encode_visuals(self, pixels_PC, layout, impl="xla"):
+        return self.visual(pixels_PC, layout, impl)
+
+
+# --------------------------------------------------------------------------------- batch building
+
+
+def prepare_prefill_batch(prompts, cfg: Qwen25VLConfig, *, seq_bucket: int | None = None, dtype=np.float32):
+    """Host-side: B prompts (objects with input_ids, mm_token_type_ids, visuals — see
+    `sparrow_jax.io.vision_inputs.MultimodalPrompt`) -> a right-padded `PrefillBatch`."""
+    from sparrow_jax.models.target import PrefillBatch, bucket  # noqa: PLC0415
+
+    B = len(prompts)
+    if B == 0:
+        raise ValueError("prepare_prefill_batch: no prompts")
+    lens = [len(p.input_ids) for p in prompts]
+    T = bucket(max(lens)) if seq_bucket is None else bucket(max(lens), seq_bucket)
+    ids = np.zeros((B, T), np.int32)
+    pos = np.zeros((3, B, T), np.int32)
+    delta = np.zeros((B,), np.int32)
+    text_idx, vis_idx, dest, pixels, grids = [], [], [], [], []
+    for b, p in enumerate(prompts):
+        n = lens[b]
+        ids[b, :n] = p.input_ids
+        types = np.asarray(p.mm_token_type_ids)
+        if types.shape != (n,):
+            raise ValueError(f"prompt {b}: mm_token_type_ids shape {types.shape} != input_ids ({n},)")
+        visuals = list(p.visuals)
+        row_grids = [tuple(v.grid_thw) for v in visuals]
+        secs = [getattr(v, "second_per_grid_t", 1.0) for v in visuals]
+        pos[:, b, :n], delta[b] = rope_index(p.input_ids, types, row_grids, secs, cfg)
+        pos[:, b, n:] = pos[:, b, n - 1:n] + 1 + np.arange(T - n)  # padding positions: harmless, masked
+        text_idx.append(np.nonzero(types == 0)[0])
+        vis = np.nonzero(types != 0)[0]
+        vis_idx.append(vis)
+        dest.append(b * T + vis)
+        for v in visuals:
+            pixels.append(np.asarray(v.pixel_values))
+            grids.append(tuple(v.grid_thw))
+        want = sum(t * h * w // cfg.vision.spatial_merge_size**2 for t, h, w in row_grids)
+        if want != len(vis):
+            raise ValueError(f"prompt {b}: {len(vis)} visual pad tokens but its visuals give {want} features")
+
+    def pad_rows(rows):
+        L = bucket(max(max((len(r) for r in rows), default=0), 1))
+        out = np.zeros((B, L), np.int32)
+        for b, r in enumerate(rows):
+            out[b, :len(r)] = r
+        return out, np.asarray([len(r) for r in rows], np.int32)
+
+    text_idx_BL, text_len = pad_rows(text_idx)
+    vis_idx_BM, vis_len = pad_rows(vis_idx)
+    has_vis = bool(pixels)
+    return PrefillBatch(
+        input_ids_BT=jnp.asarray(ids), lengths_B=jnp.asarray(lens, jnp.int32), positions_3BT=jnp.asarray(pos),
+        rope_delta_B=jnp.asarray(delta), text_idx_BL=jnp.asarray(text_idx_BL), text_len_B=jnp.asarray(text_len),
+        vis_idx_BM=jnp.asarray(vis_idx_BM), vis_len_B=jnp.asarray(vis_len),
+        pixels_PC=jnp.asarray(np.concatenate(pixels).astype(dtype)) if has_vis else None,
+        vision_layout=vision_layout(grids, cfg.vision) if has_vis else None,
+        visual_dest=jnp.asarray(np.concatenate(dest), jnp.int32) if has_vis else None,
+    )

@@ -1,0 +1,132 @@
+"""The target speculation API, family-agnostic: `prefill`, `verify`, `commit`.
+
+Pure functions of (graphdef, params, explicit pytrees), jitted with static shapes. A family model
+(Qwen25VL, later LLaVA-OneVision) provides `embed`, `encode_visuals`, `rope`, `model` (the decoder
+stack returning final-norm hidden, new K/V, captured hidden states) and `logits`.
+
+Batch/padding scheme: B rows, right-padded to a bucketed length T (`SEQ_BUCKET`); `lengths_B` holds
+each row's true prompt length. Positions are always 3 streams [3, B, T] (M-RoPE t/h/w; 1-D models use
+equal streams). All visuals of the batch are encoded in one tower call, in row-major appearance order,
+and scattered to their pad tokens through `visual_dest` (flat b*T + t indices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.kv_cache import KVCache, commit as _commit_cache, write_rows
+
+SEQ_BUCKET = 64  # prompt lengths, text-position and visual-position counts are padded to this multiple
+
+
+def bucket(n: int, multiple: int = SEQ_BUCKET) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillBatch:
+    input_ids_BT: jax.Array
+    lengths_B: jax.Array
+    positions_3BT: jax.Array
+    rope_delta_B: jax.Array  # decode position of cache slot i is i + rope_delta (all 3 streams)
+    text_idx_BL: jax.Array  # positions of text tokens (compacted, right-padded with 0)
+    text_len_B: jax.Array
+    vis_idx_BM: jax.Array  # positions of visual tokens
+    vis_len_B: jax.Array
+    pixels_PC: jax.Array | None = None  # all visuals' flattened patches, concatenated
+    vision_layout: object | None = None  # family-specific pytree (e.g. qwen2_5_vl.VisionLayout)
+    visual_dest: jax.Array | None = None  # [num visual tokens] flat index b*T + t
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PrefillOutput:
+    cache: KVCache
+    last_logits_BV: jax.Array  # logits at each row's last prompt position
+    text_hidden_BLD: jax.Array  # final-norm hidden states at the text positions (what the LM head reads)
+    vis_hidden_mid_BMD: jax.Array  # hidden states of the visual positions after layer m*
+    rope_delta_B: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VerifyOutput:
+    logits_BNV: jax.Array
+    hidden_BND: jax.Array  # final-norm hidden states of the block tokens
+    block_kv: tuple  # per layer (k [B, N, K, E], v [B, N, K, E]) for `commit`
+
+
+def _input_embeddings(model, batch: PrefillBatch, impl):
+    x_BTD = model.embed(batch.input_ids_BT)
+    if batch.pixels_PC is not None:
+        B, T, D = x_BTD.shape
+        feats = model.encode_visuals(batch.pixels_PC, batch.vision_layout, impl).astype(x_BTD.dtype)
+        x_BTD = x_BTD.reshape(B * T, D).at[batch.visual_dest].set(feats).reshape(B, T, D)
+    return x_BTD
+
+
+def forward(model, batch: PrefillBatch, *, impl="xla", capture=()):
+    """Full-sequence forward (prefill math): final-norm hidden [B, T, D], new K/V per layer, and the
+    captured intermediate hidden states."""
+    x_BTD = _input_embeddings(model, batch, impl)
+    cos, sin = model.rope(batch.positions_3BT)
+    mask = attn_lib.MaskSpec(kv_len_B=batch.lengths_B, causal=True)
+    return model.model(x_BTD, cos, sin, mask, impl=impl, capture=capture)
+
+
+def _gather_rows(x_BTD, idx_BL):
+    return jnp.take_along_axis(x_BTD, idx_BL[:, :, None], axis=1)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl"))
+def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla") -> PrefillOutput:
+    """Run the target on the whole prompt (video included). `capacity` is the cache length S, which
+    must cover prompt + generated tokens + one verify block."""
+    model = nnx.merge(graphdef, params)
+    B, T = batch.input_ids_BT.shape
+    assert capacity >= T, (capacity, T)
+    h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=(m_star,))
+    cfg = model.cfg.text
+    cache = KVCache.empty(len(kvs), B, capacity, cfg.num_key_value_heads, cfg.head_dim, h_BTD.dtype)
+    zeros_B = jnp.zeros((B,), jnp.int32)
+    cache = KVCache(tuple(write_rows(c, k, zeros_B) for c, (k, _) in zip(cache.k, kvs)),
+                    tuple(write_rows(c, v, zeros_B) for c, (_, v) in zip(cache.v, kvs)), batch.lengths_B)
+    last_BD = _gather_rows(h_BTD, (batch.lengths_B - 1)[:, None])[:, 0]
+    return PrefillOutput(
+        cache=cache,
+        last_logits_BV=model.logits(last_BD).astype(jnp.float32),
+        text_hidden_BLD=_gather_rows(h_BTD, batch.text_idx_BL),
+        vis_hidden_mid_BMD=_gather_rows(captured[m_star], batch.vis_idx_BM),
+        rope_delta_B=batch.rope_delta_B,
+    )
+
+
+def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, impl="xla") -> VerifyOutput:
+    """Un-jitted verify, for composition inside larger jitted loops (the engine, AR generation)."""
+    x_BND = model.embed(tokens_BN)
+    if tree_mask_BNN.ndim == 2:
+        tree_mask_BNN = jnp.broadcast_to(tree_mask_BNN, (tokens_BN.shape[0],) + tree_mask_BNN.shape)
+    pos_3BN = jnp.broadcast_to(positions_BN[None], (3,) + positions_BN.shape)
+    cos, sin = model.rope(pos_3BN)
+    mask = attn_lib.MaskSpec(kv_len_B=cache.lengths_B, block_mask_BTN=tree_mask_BNN.astype(bool))
+    h_BND, kvs, _ = model.model(x_BND, cos, sin, mask, caches=list(zip(cache.k, cache.v)), impl=impl)
+    return VerifyOutput(model.logits(h_BND).astype(jnp.float32), h_BND, kvs)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "impl"))
+def verify(graphdef, params, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, *, impl="xla") -> VerifyOutput:
+    """Target forward over N block tokens: each sees the committed cache plus its tree ancestors
+    (tree_mask[b, i, j] = node j is i or an ancestor of i). positions_BN are 1-D decode positions
+    (committed length + node depth + rope delta). The cache is not modified: see `commit`."""
+    return verify_fn(nnx.merge(graphdef, params), cache, tokens_BN, positions_BN, tree_mask_BNN, impl)
+
+
+commit = jax.jit(_commit_cache, donate_argnums=0)
+commit.__doc__ = _commit_cache.__doc__
