@@ -1,0 +1,95 @@
+"""Autoregressive generation on the target speculation API: the baseline every speedup is measured
+against. Each step is `verify` with a one-node block and `commit` of that node — the same code path
+the speculative engine uses, so AR and speculative runs differ only in the draft.
+
+The whole generation is one jitted `lax.while_loop`; rows stop independently (EOS / max tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparrow_jax.decoding.sampling import SamplingParams, select_tokens
+from sparrow_jax.models import target as tg
+from sparrow_jax.models.kv_cache import KVCache, commit
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    tokens_BM: jax.Array  # generated tokens, row b valid up to num_tokens_B[b] (EOS included)
+    num_tokens_B: jax.Array
+    cache: KVCache
+    steps: jax.Array  # target forward calls made (loop iterations)
+
+
+def _is_eos(tok_B, eos_ids):
+    if not eos_ids:
+        return jnp.zeros(tok_B.shape, bool)
+    return jnp.isin(tok_B, jnp.asarray(eos_ids, jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "impl"), donate_argnames=("cache",))
+def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, *, max_new_tokens: int,
+                sampling: SamplingParams, eos_ids: tuple[int, ...] = (), impl: str = "xla") -> GenerationResult:
+    """Generate up to `max_new_tokens` per row after `prefill` (its cache, last logits and rope delta).
+    The cache must have room for them (`cache_capacity`); it is donated."""
+    model = nnx.merge(graphdef, params)
+    B = last_logits_BV.shape[0]
+    one_node = jnp.ones((B, 1, 1), bool)
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        key, sub = jax.random.split(s["key"])
+        tok_B = select_tokens(sub, s["logits"], sampling)
+        active = ~s["done"]
+        out = s["tokens"].at[jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)].set(
+            jnp.where(active, tok_B, s["tokens"][jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)]))
+        n = s["n"] + active
+        done = s["done"] | (active & _is_eos(tok_B, eos_ids)) | (n >= max_new_tokens)
+
+        def forward(cache):
+            pos_B1 = (cache.lengths_B + rope_delta_B)[:, None]
+            v = tg.verify_fn(model, cache, tok_B[:, None], pos_B1, one_node, impl)
+            cache = commit(cache, v.block_kv, jnp.zeros((B, 1), jnp.int32), active.astype(jnp.int32))
+            return cache, v.logits_BNV[:, 0]
+
+        # The token that finishes the last row needs no forward pass.
+        cache, logits = jax.lax.cond(jnp.all(done), lambda c: (c, s["logits"]), forward, s["cache"])
+        return dict(cache=cache, logits=logits, tokens=out, n=n, done=done, step=s["step"] + 1, key=key)
+
+    init = dict(cache=cache, logits=last_logits_BV, tokens=jnp.zeros((B, max_new_tokens), jnp.int32),
+                n=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.int32(0), key=key)
+    s = jax.lax.while_loop(cond, body, init)
+    return GenerationResult(s["tokens"], s["n"], s["cache"], s["step"])
+
+
+def cache_capacity(prompt_len: int, max_new_tokens: int, block: int = 1) -> int:
+    """Cache slots for a prompt bucket, its generated tokens and one verify block, bucketed."""
+    return tg.bucket(prompt_len + max_new_tokens + block)
+
+
+def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(), seed: int = 0,
+             eos_ids=None, m_star: int | None = None, impl: str = "xla", prepare=None):
+    """Convenience host wrapper: prompts -> list of generated token lists (EOS included)."""
+    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
+
+    cfg = model.cfg
+    batch = (prepare or prepare_prefill_batch)(prompts, cfg)
+    graphdef, params = nnx.split(model)
+    T = batch.input_ids_BT.shape[1]
+    pre = tg.prefill(graphdef, params, batch, capacity=cache_capacity(T, max_new_tokens),
+                     m_star=cfg.num_layers // 2 if m_star is None else m_star, impl=impl)
+    eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    res = ar_generate(graphdef, params, pre.cache, pre.last_logits_BV, pre.rope_delta_B, jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
+                      eos_ids=eos, impl=impl)
+    toks, n = np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B)
+    return [toks[b, :n[b]].tolist() for b in range(len(prompts))]
