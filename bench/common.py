@@ -1,0 +1,40 @@
+"""Shared benchmark plumbing: a header with command/machine/date/versions, and JSON-lines output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+from pathlib import Path
+
+
+def environment() -> dict:
+    import jax  # noqa: PLC0415
+    import flax  # noqa: PLC0415
+
+    return {
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform(terse=True)}",
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write_jsonl(path, record: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("a") as f:
+        f.write(json.dumps(record) + "\n")
