@@ -111,7 +111,7 @@ class SelfAttention(nnx.Module):
         self.o_proj = linear(num_heads * head_dim, dim, bias=out_bias, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_BTD, cos_BTE, sin_BTE, mask: attn_lib.MaskSpec, cache_kv=None,
-                 impl: str = "xla"):
+                 impl: str = "xla", block_prefix=None):
         B, T, _ = x_BTD.shape
         q_BTHE = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
         k_BTKE = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -122,7 +122,11 @@ class SelfAttention(nnx.Module):
             o_BTHE = attn_lib.attention(q_BTHE, k_BTKE, v_BTKE, mask, impl=impl)
         else:  # verify / decode: committed cache + the new block under its tree mask
             cache_k, cache_v = cache_kv
-            o_BTHE = attn_lib.attention(q_BTHE, cache_k, cache_v, mask, block_k=k_BTKE, block_v=v_BTKE,
+            block_k, block_v = k_BTKE, v_BTKE
+            if block_prefix is not None:  # tree drafting: earlier uncommitted tree nodes precede the block
+                block_k = jnp.concatenate([block_prefix[0], k_BTKE], axis=1)
+                block_v = jnp.concatenate([block_prefix[1], v_BTKE], axis=1)
+            o_BTHE = attn_lib.attention(q_BTHE, cache_k, cache_v, mask, block_k=block_k, block_v=block_v,
                                         impl=impl)
         out = self.o_proj(o_BTHE.reshape(B, T, self.num_heads * self.head_dim))
         return out, (k_BTKE, v_BTKE)
@@ -141,9 +145,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(dim, eps, dtype=dtype)
         self.mlp = GatedMLP(dim, mlp_dim, act, bias=False, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BTD, cos_BTE, sin_BTE, mask, cache_kv=None, impl="xla"):
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, mask, cache_kv=None, impl="xla", block_prefix=None):
         h = self.input_layernorm(x_BTD) if self.input_layernorm is not None else x_BTD
-        a, new_kv = self.self_attn(h, cos_BTE, sin_BTE, mask, cache_kv, impl)
+        a, new_kv = self.self_attn(h, cos_BTE, sin_BTE, mask, cache_kv, impl, block_prefix)
         x_BTD = x_BTD + a
         x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
         return x_BTD, new_kv

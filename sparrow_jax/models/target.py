@@ -43,6 +43,8 @@ class PrefillBatch:
     pixels_PC: jax.Array | None = None  # all visuals' flattened patches, concatenated
     vision_layout: object | None = None  # family-specific pytree (e.g. qwen2_5_vl.VisionLayout)
     visual_dest: jax.Array | None = None  # [num visual tokens] flat index b*T + t
+    draft_idx_BP: jax.Array | None = None  # positions forming the draft's sequence (visual mode), right-padded
+    draft_len_B: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -53,6 +55,9 @@ class PrefillOutput:
     text_hidden_BLD: jax.Array  # final-norm hidden states at the text positions (what the LM head reads)
     vis_hidden_mid_BMD: jax.Array  # hidden states of the visual positions after layer m*
     rope_delta_B: jax.Array
+    last_hidden_BD: jax.Array  # final-norm hidden at each row's last prompt position (h_{T-1})
+    draft_e_BPD: jax.Array | None = None  # input embeddings at draft_idx (token or visual features)
+    draft_hprev_BPD: jax.Array | None = None  # final-norm hidden at draft_idx - 1 (zero at position 0)
 
 
 @jax.tree_util.register_dataclass
@@ -92,19 +97,28 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
     model = nnx.merge(graphdef, params)
     B, T = batch.input_ids_BT.shape
     assert capacity >= T, (capacity, T)
-    h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=(m_star,))
+    with_draft = batch.draft_idx_BP is not None
+    h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=(m_star, 0) if with_draft else (m_star,))
     cfg = model.cfg.text
     cache = KVCache.empty(len(kvs), B, capacity, cfg.num_key_value_heads, cfg.head_dim, h_BTD.dtype)
     zeros_B = jnp.zeros((B,), jnp.int32)
     cache = KVCache(tuple(write_rows(c, k, zeros_B) for c, (k, _) in zip(cache.k, kvs)),
                     tuple(write_rows(c, v, zeros_B) for c, (_, v) in zip(cache.v, kvs)), batch.lengths_B)
     last_BD = _gather_rows(h_BTD, (batch.lengths_B - 1)[:, None])[:, 0]
+    draft_e = draft_hprev = None
+    if with_draft:
+        idx = batch.draft_idx_BP
+        draft_e = _gather_rows(captured[0], idx)
+        draft_hprev = jnp.where((idx > 0)[..., None], _gather_rows(h_BTD, jnp.maximum(idx - 1, 0)), 0)
     return PrefillOutput(
         cache=cache,
         last_logits_BV=model.logits(last_BD).astype(jnp.float32),
         text_hidden_BLD=_gather_rows(h_BTD, batch.text_idx_BL),
         vis_hidden_mid_BMD=_gather_rows(captured[m_star], batch.vis_idx_BM),
         rope_delta_B=batch.rope_delta_B,
+        last_hidden_BD=last_BD,
+        draft_e_BPD=draft_e,
+        draft_hprev_BPD=draft_hprev,
     )
 
 

@@ -1,0 +1,285 @@
+"""The jitted speculative decoding engine (SPEC §2).
+
+After prefill (target on the whole prompt, draft on its own sequence), the whole generation is one
+`jax.lax.while_loop` over rounds; each round, for B static rows at once:
+
+1. draft catch-up: the draft processes the pending (token, target hidden) pairs — the path accepted
+   last round and the new root — and commits their K/V (the draft cache only ever grows with
+   committed tokens);
+2. tree: EAGLE-2 expansion from the root (`tree.py`), the draft attending to its cache plus the
+   tree nodes it has fed;
+3. verify: one target forward over the N tree nodes (tree mask, positions = length + depth + rope delta);
+4. accept (`acceptance.py`) and commit the accepted path's target K/V; emit path + bonus, stop rows on
+   EOS / max tokens.
+
+Pending pairs: after accepting path n0..n_k (n0 = root) with bonus b, the draft's next inputs are
+(n1, h(n0)), ..., (n_k, h(n_{k-1})), (b, h(n_k)) with h the target's final-norm hidden states from
+verify — exact features, never the draft's own guesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparrow_jax.decoding.acceptance import accept_greedy, accept_sampling
+from sparrow_jax.decoding.sampling import SamplingParams, select_tokens
+from sparrow_jax.decoding.tree import Tree, TreeSpec, select_tree
+from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models import target as tg
+from sparrow_jax.models.kv_cache import KVCache, commit
+
+VISUAL_MODES = ("text_only", "full_visual", "pruned_visual")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    tree: TreeSpec
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    eos_ids: tuple[int, ...] = ()
+    impl: str = "xla"
+
+    @property
+    def block(self) -> int:
+        """Pending block size: at most depth accepted drafts + the bonus token."""
+        return self.tree.depth + 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SpecResult:
+    tokens_BM: jax.Array
+    num_tokens_B: jax.Array
+    accepted_BR: jax.Array  # per round: path length incl. root (= tokens emitted that round), 0 = inactive
+    rounds: jax.Array  # loop iterations run
+    tcache: KVCache
+    dcache: KVCache
+
+
+# ----------------------------------------------------------------------------------- host helpers
+
+
+def draft_positions(prompts, mode: str, T: int, keep_fraction: float = 0.25):
+    """Positions forming the draft's sequence per row, right-padded: `text_only` (Sparrow VATA: text
+    only, compacted), `full_visual` (every position), `pruned_visual` (text + an evenly spaced
+    `keep_fraction` of each visual block)."""
+    if mode not in VISUAL_MODES:
+        raise ValueError(f"visual mode {mode!r}: expected one of {VISUAL_MODES}")
+    rows = []
+    for p in prompts:
+        types = np.asarray(p.mm_token_type_ids)
+        if mode == "text_only":
+            keep = types == 0
+        elif mode == "full_visual":
+            keep = np.ones_like(types, bool)
+        else:
+            keep = types == 0
+            vis = np.nonzero(types != 0)[0]
+            if len(vis):
+                n_keep = max(1, int(round(keep_fraction * len(vis))))
+                keep[vis[np.linspace(0, len(vis) - 1, n_keep).round().astype(int)]] = True
+        rows.append(np.nonzero(keep)[0])
+    P = tg.bucket(max(len(r) for r in rows))
+    idx = np.zeros((len(rows), P), np.int32)
+    for b, r in enumerate(rows):
+        idx[b, :len(r)] = r
+    del T
+    return jnp.asarray(idx), jnp.asarray([len(r) for r in rows], jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("dgraph", "capacity", "impl"))
+def draft_prefill(dgraph, dparams, e_BPD, hprev_BPD, len_B, *, capacity: int, impl: str = "xla") -> KVCache:
+    """Run the draft over its prompt sequence and return its cache (rows valid up to len_B)."""
+    draft = nnx.merge(dgraph, dparams)
+    B, P, _ = e_BPD.shape
+    pos = jnp.broadcast_to(jnp.arange(P)[None], (B, P))
+    _, kvs = draft(e_BPD, hprev_BPD, pos, attn_lib.MaskSpec(kv_len_B=len_B, causal=True), impl=impl)
+    cfg = draft.cfg
+    cache = KVCache.empty(cfg.num_layers, B, capacity, cfg.num_key_value_heads, cfg.head_dim, e_BPD.dtype)
+    zeros = jnp.zeros((B, P), jnp.int32) + jnp.arange(P)[None]
+    return commit(cache, kvs, zeros, len_B)
+
+
+# --------------------------------------------------------------------------------------- the loop
+
+
+def _take(x, idx):
+    """x [B, N, ...] gathered at idx [B, M] -> [B, M, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec, impl: str) -> Tree:
+    """EAGLE-2 expansion (see tree.py). The root's pair is already in the draft cache, so the root sits
+    at draft position length - 1 and a node of depth d at length - 1 + d."""
+    B = root_B.shape[0]
+    K, D, P, F = spec.top_k, spec.depth, spec.pool_size, spec.fed_nodes
+    logp1 = jax.nn.log_softmax(target.logits(h_root_BD).astype(jnp.float32), -1)
+    s1, t1 = jax.lax.top_k(logp1, K)
+    pool_tok = jnp.zeros((B, P), jnp.int32).at[:, :K].set(t1)
+    pool_score = jnp.full((B, P), -jnp.inf, jnp.float32).at[:, :K].set(s1)
+    pool_parent = jnp.full((B, P), -1, jnp.int32)
+    pool_depth = jnp.ones((B, P), jnp.int32)
+    if D > 1:
+        cfg = draft.cfg
+        fed = [(jnp.zeros((B, F, cfg.num_key_value_heads, cfg.head_dim), h_root_BD.dtype),) * 2
+               for _ in range(cfg.num_layers)]
+        fed_anc = jnp.zeros((B, F, F), bool)
+        front_pool = jnp.broadcast_to(jnp.arange(K)[None], (B, K))
+        front_tok, front_score = t1, s1
+        front_h = jnp.broadcast_to(h_root_BD[:, None], (B, K, h_root_BD.shape[-1]))
+        front_parent_slot = jnp.full((B, K), -1, jnp.int32)
+        caches = list(zip(dcache.k, dcache.v))
+        for s in range(2, D + 1):
+            slots = (s - 2) * K + jnp.arange(K)
+            own = slots[None, :, None] == jnp.arange(F)[None, None]  # [1, K, F]
+            inherited = jnp.where((front_parent_slot >= 0)[..., None], _take(fed_anc, jnp.maximum(front_parent_slot, 0)),
+                                  False)
+            fed_anc = fed_anc.at[:, slots].set(inherited | own)
+            block_mask = jnp.concatenate([inherited, jnp.broadcast_to(jnp.eye(K, dtype=bool)[None], (B, K, K))], -1)
+            pos = jnp.broadcast_to((dcache.lengths_B - 1 + (s - 1))[:, None], (B, K))
+            mask = attn_lib.MaskSpec(kv_len_B=dcache.lengths_B, block_mask_BTN=block_mask)
+            out_h, kvs = draft(target.embed(front_tok), front_h, pos, mask, caches=caches, impl=impl, block_prefix=fed)
+            fed = [(fk.at[:, slots].set(k), fv.at[:, slots].set(v)) for (fk, fv), (k, v) in zip(fed, kvs)]
+            logp = jax.nn.log_softmax(target.logits(out_h).astype(jnp.float32), -1)
+            cs, ct = jax.lax.top_k(logp, K)  # [B, K, K]
+            cum = (front_score[:, :, None] + cs).reshape(B, K * K)
+            ct = ct.reshape(B, K * K)
+            at = K + (s - 2) * K * K
+            pool_tok = jax.lax.dynamic_update_slice(pool_tok, ct, (0, at))
+            pool_score = jax.lax.dynamic_update_slice(pool_score, cum, (0, at))
+            pool_parent = jax.lax.dynamic_update_slice(pool_parent, jnp.repeat(front_pool, K, axis=1), (0, at))
+            pool_depth = jax.lax.dynamic_update_slice(pool_depth, jnp.full((B, K * K), s, jnp.int32), (0, at))
+            if s < D:
+                front_score, pick = jax.lax.top_k(cum, K)
+                front_pool = at + pick
+                front_tok = jnp.take_along_axis(ct, pick, 1)
+                front_h = _take(out_h, pick // K)
+                front_parent_slot = jnp.take_along_axis(jnp.broadcast_to(slots[None], (B, K)), pick // K, 1)
+    return select_tree(root_B, pool_tok, pool_score, pool_parent, pool_depth, spec)
+
+
+def _is_eos(tok, eos_ids):
+    if not eos_ids:
+        return jnp.zeros(tok.shape, bool)
+    return jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
+
+
+@partial(jax.jit, static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
+def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
+                         last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig) -> SpecResult:
+    """Generate up to cfg.max_new_tokens per row after both prefills; one compiled while_loop."""
+    target, draft = nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams)
+    B = last_logits_BV.shape[0]
+    M, L, spec = cfg.max_new_tokens, cfg.block, cfg.tree
+    arL = jnp.arange(L)
+    key, k0 = jax.random.split(key)
+    r0 = select_tokens(k0, last_logits_BV, cfg.sampling)
+    init = dict(
+        tcache=tcache, dcache=dcache,
+        out=jnp.zeros((B, M + L), jnp.int32).at[:, 0].set(r0), n_out=jnp.ones((B,), jnp.int32),
+        done=_is_eos(r0, cfg.eos_ids) | (M <= 1),
+        pend_tok=jnp.zeros((B, L), jnp.int32).at[:, 0].set(r0),
+        pend_h=jnp.zeros((B, L, last_hidden_BD.shape[-1]), last_hidden_BD.dtype).at[:, 0].set(last_hidden_BD),
+        pend_n=jnp.ones((B,), jnp.int32),
+        accepted=jnp.zeros((B, M), jnp.int32), r=jnp.int32(0), key=key,
+    )
+
+    def cond(s):
+        return (s["r"] < M) & ~jnp.all(s["done"])
+
+    def body(s):
+        active = ~s["done"]
+        dcache, tcache = s["dcache"], s["tcache"]
+        # 1. draft catch-up on the pending pairs, committed.
+        dpos = dcache.lengths_B[:, None] + arL[None]
+        blk = jnp.tril(jnp.ones((L, L), bool))[None] & (arL[None, None] < s["pend_n"][:, None, None])
+        h_out, kvs = draft(target.embed(s["pend_tok"]), s["pend_h"], dpos,
+                           attn_lib.MaskSpec(kv_len_B=dcache.lengths_B, block_mask_BTN=blk),
+                           caches=list(zip(dcache.k, dcache.v)), impl=cfg.impl)
+        dcache = commit(dcache, kvs, jnp.broadcast_to(arL[None], (B, L)), jnp.where(active, s["pend_n"], 0))
+        last = (s["pend_n"] - 1)[:, None]
+        h_root = _take(h_out, last)[:, 0]
+        root = jnp.take_along_axis(s["pend_tok"], last, 1)[:, 0]
+        # 2-3. tree and verification.
+        tree = build_tree(target, draft, dcache, h_root, root, spec, cfg.impl)
+        tpos = (tcache.lengths_B + rope_delta_B)[:, None] + tree.depth_BN
+        v = tg.verify_fn(target, tcache, tree.tokens_BN, tpos, tree.ancestors_BNN, cfg.impl)
+        # 4. acceptance and target commit.
+        key, k_acc = jax.random.split(s["key"])
+        if cfg.sampling.greedy:
+            acc = accept_greedy(tree, v.logits_BNV, spec.depth)
+        else:
+            acc = accept_sampling(k_acc, tree, v.logits_BNV, spec.depth, cfg.sampling)
+        n = acc.num_accepted_B
+        tcache = commit(tcache, v.block_kv, acc.path_BL, jnp.where(active, n, 0))
+        # Emitted this round: accepted drafts (path[1:n]) then the bonus token.
+        path_tok = jnp.take_along_axis(tree.tokens_BN, acc.path_BL, 1)
+        emit = jnp.where(arL[None] < (n - 1)[:, None], jnp.roll(path_tok, -1, axis=1), acc.bonus_B[:, None])
+        eos_hit = _is_eos(emit, cfg.eos_ids) & (arL[None] < n[:, None])
+        count = jnp.where(eos_hit.any(-1), jnp.argmax(eos_hit, -1) + 1, n)
+        count = jnp.minimum(count, M - s["n_out"])
+        out = jax.vmap(lambda o, e, at: jax.lax.dynamic_update_slice(o, e, (at,)))(s["out"], emit, s["n_out"])
+        out = jnp.where(active[:, None], out, s["out"])
+        n_out = s["n_out"] + jnp.where(active, count, 0)
+        done = s["done"] | (active & (eos_hit & (arL[None] < count[:, None])).any(-1)) | (n_out >= M)
+        return dict(
+            tcache=tcache, dcache=dcache, out=out, n_out=n_out, done=done,
+            pend_tok=jnp.where(active[:, None], emit, s["pend_tok"]),
+            pend_h=jnp.where(active[:, None, None], _take(v.hidden_BND, acc.path_BL), s["pend_h"]),
+            pend_n=jnp.where(active, n, s["pend_n"]),
+            accepted=s["accepted"].at[:, s["r"]].set(jnp.where(active, n, 0)), r=s["r"] + 1, key=key,
+        )
+
+    s = jax.lax.while_loop(cond, body, init)
+    return SpecResult(s["out"][:, :M], s["n_out"], s["accepted"], s["r"], s["tcache"], s["dcache"])
+
+
+# ----------------------------------------------------------------------------------- host wrapper
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything one batch needs before the loop: target + draft prefill results."""
+
+    pre: tg.PrefillOutput
+    dcache: KVCache
+    batch: tg.PrefillBatch
+
+
+def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only",
+            keep_fraction: float = 0.25, m_star: int | None = None, prepare_batch=None) -> Prepared:
+    """Host: build the padded batch for `mode`, run the target prefill and the draft prefill."""
+    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
+
+    tcfg = target_model.cfg
+    batch = (prepare_batch or prepare_prefill_batch)(prompts, tcfg)
+    T = batch.input_ids_BT.shape[1]
+    idx, dlen = draft_positions(prompts, mode, T, keep_fraction)
+    batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen)
+    tgraph, tparams = nnx.split(target_model)
+    dgraph, dparams = nnx.split(draft_model)
+    slack = 2 * cfg.block + cfg.tree.total_tokens
+    pre = tg.prefill(tgraph, tparams, batch, capacity=tg.bucket(T + cfg.max_new_tokens + slack),
+                     m_star=tcfg.num_layers // 2 if m_star is None else m_star, impl=cfg.impl)
+    dcache = draft_prefill(dgraph, dparams, pre.draft_e_BPD, pre.draft_hprev_BPD, dlen,
+                           capacity=tg.bucket(idx.shape[1] + cfg.max_new_tokens + slack), impl=cfg.impl)
+    return Prepared(pre, dcache, batch)
+
+
+def generate(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only", seed: int = 0,
+             keep_fraction: float = 0.25, prepare_batch=None):
+    """prompts -> (list of token lists, SpecResult). Convenience for tests and scripts."""
+    p = prepare(target_model, draft_model, prompts, cfg, mode=mode, keep_fraction=keep_fraction,
+                prepare_batch=prepare_batch)
+    tgraph, tparams = nnx.split(target_model)
+    dgraph, dparams = nnx.split(draft_model)
+    res = speculative_generate(tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV,
+                               p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(seed), cfg=cfg)
+    toks, n = np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B)
+    return [toks[b, :n[b]].tolist() for b in range(len(prompts))], res

@@ -1,0 +1,128 @@
+"""The Sparrow draft (SPEC §1): HSR input z_t = FC([RMSNorm(e_t); h_{t-1}]), N decoder layers of the
+target's LM family (the first without input norm, no final norm). The target's embedding and LM head
+are shared and frozen: the engine passes embeddings in and applies the target's head to the output.
+
+The draft sees a sequence of (e_t, h_{t-1}) pairs with plain 1-D RoPE over its own compacted positions.
+Which positions form that sequence (text only, all, or text + some visual) is the engine's visual mode,
+not a property of the weights. At the first prompt position h_{-1} is zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from sparrow_jax.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_1d
+
+
+class DraftConfigError(ValueError):
+    """A draft that cannot be built or does not fit its target."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int  # the target's (the head is shared)
+    num_layers: int = 1
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    hidden_act: str = "silu"
+    qkv_bias: bool = True  # Qwen2 family
+    normalize_embeddings: bool = True  # Sparrow's RMSNorm(e_t); EAGLE-1 drafts feed e_t raw
+    family: str = "qwen2"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def for_target(cls, target_cfg, **overrides) -> "DraftConfig":
+        """A draft shaped like one layer of the target's LM (the paper's default)."""
+        t = target_cfg.text
+        base = dict(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                    num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                    vocab_size=t.vocab_size, rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
+                    hidden_act=t.hidden_act, family="qwen2")
+        base.update(overrides)
+        return cls(**base)
+
+    def check_fits(self, target_cfg, source: str = "draft") -> None:
+        """Refuse a draft whose hidden size, vocabulary or family does not match the target."""
+        t = target_cfg.text
+        problems = []
+        if self.hidden_size != t.hidden_size:
+            problems.append(f"hidden size {self.hidden_size} != target {t.hidden_size}")
+        if self.vocab_size != t.vocab_size:
+            problems.append(f"vocab {self.vocab_size} != target {t.vocab_size}")
+        if self.family != "qwen2":
+            problems.append(f"family {self.family!r} != target LM family 'qwen2'")
+        if problems:
+            raise DraftConfigError(f"{source} does not fit target {target_cfg.family}: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return {"architectures": ["SparrowDraft"], "model_type": "sparrow_draft", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> "DraftConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields}
+        if "num_layers" not in kw and "num_hidden_layers" in d:
+            kw["num_layers"] = d["num_hidden_layers"]
+        if "qkv_bias" not in kw and "bias" in d:
+            kw["qkv_bias"] = bool(d["bias"])
+        if "rope_theta" not in kw and isinstance(d.get("rope_parameters"), dict):
+            kw["rope_theta"] = d["rope_parameters"].get("rope_theta", 1e6)
+        missing = [f for f in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if f not in kw]
+        if missing:
+            raise DraftConfigError(f"{source}: missing field(s) {missing}")
+        kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise DraftConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_dir(cls, path) -> "DraftConfig":
+        p = Path(path) / "config.json"
+        if not p.is_file():
+            raise DraftConfigError(f"{p}: not found (expected a draft checkpoint directory)")
+        return cls.from_dict(json.loads(p.read_text()), source=str(p))
+
+
+class SparrowDraft(nnx.Module):
+    def __init__(self, cfg: DraftConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.embed_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype) if cfg.normalize_embeddings else None
+        self.fc = linear(2 * H, H, bias=True, rngs=rngs, dtype=dtype)
+        self.layers = nnx.List([
+            DecoderLayer(dim=H, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                         head_dim=cfg.head_dim, mlp_dim=cfg.intermediate_size, act=cfg.hidden_act,
+                         eps=cfg.rms_norm_eps, qkv_bias=cfg.qkv_bias, rngs=rngs, dtype=dtype, input_norm=i > 0)
+            for i in range(cfg.num_layers)
+        ])
+
+    def hsr_input(self, e_BTD, hprev_BTD):
+        """z_t = FC([RMSNorm(e_t); h_{t-1}])."""
+        e = self.embed_norm(e_BTD) if self.embed_norm is not None else e_BTD
+        return self.fc(jnp.concatenate([e, hprev_BTD.astype(e.dtype)], axis=-1))
+
+    def __call__(self, e_BTD, hprev_BTD, positions_BT, mask, caches=None, impl="xla", block_prefix=None):
+        """Returns the draft output states ĥ [B, T, D] (feed them to the target's LM head) and the
+        new K/V per layer. `caches`: per-layer committed (k, v); `block_prefix`: per-layer K/V of
+        uncommitted tree nodes placed before this block (visibility in `mask.block_mask_BTN`)."""
+        x = self.hsr_input(e_BTD, hprev_BTD)
+        cos, sin = rope_cos_sin_1d(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if caches is None else caches[i], impl,
+                          None if block_prefix is None else block_prefix[i])
+            new_kv.append(kv)
+        return x, tuple(new_kv)
