@@ -76,13 +76,15 @@ def visual(rng, grid, kind="video", second_per_grid_t=1.0, patch_dim=3 * 2 * 14 
                                  num_tokens=t * h * w // 4)
 
 
-def prompt(segments):
+def prompt(segments, cfg: Qwen25VLConfig | None = None):
     """segments: list of int lists (text ids) and visuals -> prompt object with ids and types."""
+    image, video, vstart, vend = ((cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                                   cfg.vision_end_token_id) if cfg else (IMAGE, VIDEO, VSTART, VEND))
     ids, tt, vis = [], [], []
     for s in segments:
         if isinstance(s, types.SimpleNamespace) or hasattr(s, "grid_thw"):
-            pad, code = (VIDEO, 2) if s.kind == "video" else (IMAGE, 1)
-            ids += [VSTART] + [pad] * s.num_tokens + [VEND]
+            pad, code = (video, 2) if s.kind == "video" else (image, 1)
+            ids += [vstart] + [pad] * s.num_tokens + [vend]
             tt += [0] + [code] * s.num_tokens + [0]
             vis.append(s)
         else:
@@ -92,8 +94,15 @@ def prompt(segments):
                                  visuals=tuple(vis))
 
 
-def random_text(rng, n):
-    return rng.integers(1, 280, size=n).tolist()
+def random_text(rng, n, vocab=280):
+    return rng.integers(1, vocab, size=n).tolist()
+
+
+# A 24-token vocabulary (20 text tokens + 4 vision specials): joint distributions of a few generated
+# tokens have few enough cells for chi-square tests, and drafts learn it in a few steps.
+SMALL_VOCAB_CONFIG = hf_config_dict(text={"vocab_size": 24}, image_token_id=20, video_token_id=21,
+                                    vision_start_token_id=22, vision_end_token_id=23)
+SMALL_TEXT_VOCAB = 20
 
 
 def fp32(x):

@@ -7,6 +7,12 @@ prompt positions, and greedy generation. The configs together cover windowed and
 vision blocks (including windows that do not divide the merged grid), GQA ratios 1, 2 and 3,
 several mrope_section splits, tokens_per_second 2 and 4, odd frame counts (t = 1, 3, 5), images,
 videos and prompts mixing both.
+
+Decoding is checked three ways: greedy `generate` against transformers' `generate` (single prompts
+and one right-padded batch), and teacher-forced `prefill` + `verify` over HF's greedy tokens against
+HF's per-step logits. Strict xfails document where the library's decode-position rule (cache slot +
+rope delta) departs from transformers 5.23 `generate` (last prompt position + 1): prompts whose video
+temporal positions run past the last text position.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dataclasses
+import zlib
 from functools import partial
 
 import jax
@@ -28,7 +35,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import _tiny  # noqa: E402
-from sparrow_jax.decoding.autoregressive import generate  # noqa: E402
+from sparrow_jax.decoding.autoregressive import cache_capacity, generate  # noqa: E402
 from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl  # noqa: E402
 from sparrow_jax.models import target as tg  # noqa: E402
 from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: E402
@@ -90,10 +97,21 @@ CASES = {
     "mha-image-video": ("mha", [I((1, 10, 6)), 2, V((3, 6, 10), 1.0), 5]),
     # two videos with different seconds per grid (0.3 * 4 = 1.2: floor(i * 1.2) is uneven).
     "mha-two-videos": ("mha", [2, V((3, 4, 4), 0.3), 3, V((5, 4, 6), 2.0), 2]),
+    # t=5 video with stride 8: temporal positions reach start + 32, far past the 2x2 merged grid and
+    # the short text after it.
+    "gqa3-long-video": ("gqa3", [3, V((5, 4, 4), 2.0), 2]),
 }
 
-GENERATE_CASES = ["gqa2-video-t3", "gqa2-image", "gqa2-image-video", "gqa3-video-t5", "mha-video-t3",
-                  "mha-two-videos"]
+# Decode-position rules. The library decodes at cache slot + rope_delta, rope_delta = max over all
+# prompt positions + 1 - T (what transformers' `get_rope_index` returns). transformers 5.23 `generate`
+# continues at the last prompt position + 1 (`_update_model_kwargs_for_generation`). Since 5.x resumes
+# text after a visual block at start + max(h, w) / merge, ignoring the temporal extent, the two rules
+# agree only when the prompt's last token holds its maximum position.
+ENDS_AT_MAX = ["gqa2-video-t3", "gqa2-image", "gqa2-image-video", "gqa3-video-t5", "gqa3-video-t1-image",
+               "mha-image-video"]
+TIME_OUTRUNS_TEXT = ["gqa3-long-video", "mha-two-videos", "mha-video-t3"]
+GENERATE_CASES = ["gqa2-video-t3", "gqa2-image", "gqa2-image-video", "gqa3-video-t5", "mha-image-video"]
+DECODE_CASES = ["gqa2-image-video", "gqa3-video-t5", "mha-image-video"]
 
 
 @dataclasses.dataclass
@@ -111,11 +129,16 @@ def zoo(tmp_path_factory):
     def get(name):
         if name not in cache:
             path = tmp_path_factory.mktemp(f"ckpt-{name}")
-            hf = _tiny.save_hf_checkpoint(path, CONFIGS[name], seed=len(cache) + 1)
+            hf = _tiny.save_hf_checkpoint(path, CONFIGS[name], seed=case_seed(name) % 2**31)
             cache[name] = Loaded(hf, load_qwen2_5_vl(path), path)
         return cache[name]
 
     return get
+
+
+def case_seed(name, salt=0):
+    """A seed stable across runs and test selections (not dependent on build order)."""
+    return zlib.crc32(name.encode()) + salt
 
 
 def build_prompt(segments, seed):
@@ -147,19 +170,19 @@ def hf_inputs(p):
     return kw
 
 
-@partial(jax.jit, static_argnames=("graphdef", "with_vision"))
-def _ours_forward(graphdef, params, batch, with_vision):
+@partial(jax.jit, static_argnames=("graphdef",))
+def _ours_forward(graphdef, params, batch):
     model = nnx.merge(graphdef, params)
-    vis = model.encode_visuals(batch.pixels_PC, batch.vision_layout) if with_vision else None
+    vis = model.encode_visuals(batch.pixels_PC, batch.vision_layout)
     h, _, captured = tg.forward(model, batch, capture=tuple(range(model.cfg.num_layers)))
     return vis, h, model.logits(h), captured
 
 
-def ours_forward(model, batch, with_vision=False):
+def ours_forward(model, batch):
     """Jitted (one compile per case instead of hundreds of eager op compiles): the vision tower
     output, final-norm hidden [B, T, D], logits [B, T, V] and hidden states 0..L-1."""
     graphdef, params = nnx.split(model)
-    return _ours_forward(graphdef, params, batch, with_vision)
+    return _ours_forward(graphdef, params, batch)
 
 
 @dataclasses.dataclass
@@ -180,12 +203,12 @@ class CaseResult:
 def run_case(zoo, case) -> CaseResult:
     cfg_name, segments = CASES[case]
     m = zoo(cfg_name)
-    p = build_prompt(segments, seed=sorted(CASES).index(case))
+    p = build_prompt(segments, seed=case_seed(case))
     T = len(p.input_ids)
     L = m.ours.cfg.num_layers
 
     batch = prepare_prefill_batch([p], m.ours.cfg)
-    vis, h, logits, captured = ours_forward(m.ours, batch, with_vision=True)
+    vis, h, logits, captured = ours_forward(m.ours, batch)
     logits = np.asarray(logits)[0, :T]
     ours_hidden = [np.asarray(captured[i])[0, :T] for i in range(L)] + [np.asarray(h)[0, :T]]
 
@@ -227,7 +250,7 @@ def maxerr(a, b):
 # ------------------------------------------------------------------------------------------ configs
 
 
-def test_configs_cover_the_brief(zoo):
+def test_configs_cover_the_brief():
     """The parity matrix really spans what it claims (guards against config edits shrinking it)."""
     cfgs = {n: _tiny.our_config(d) for n, d in CONFIGS.items()}
     assert {c.text.num_attention_heads // c.text.num_key_value_heads for c in cfgs.values()} == {1, 2, 3}
@@ -287,11 +310,12 @@ def test_logits_match_hf(results, case):
 
 
 def hf_greedy(hf, p, n):
+    """transformers' greedy continuation of one prompt and the raw logits of every step."""
     with torch.no_grad():
         out = hf.generate(**hf_inputs(p), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     toks = out.sequences[0, len(p.input_ids):].tolist()
-    return toks, [x[0].float().numpy() for x in out.logits]
+    return toks, np.stack([x[0].float().numpy() for x in out.logits])
 
 
 def assert_greedy_equal(ours, ref, ref_logits):
@@ -306,21 +330,119 @@ def assert_greedy_equal(ours, ref, ref_logits):
         assert margin < NEAR_TIE and ref_logits[k][a] >= top2[0], (
             f"step {k}: ours {a} vs HF {b} (HF top-2 margin {margin:.3g}); ours {ours}, HF {ref}")
         return
-    # matched everywhere
+
+
+def generate_prompt(case):
+    return build_prompt(CASES[case][1], seed=case_seed(case, salt=1))
+
+
+@pytest.fixture(scope="module")
+def hf_refs(zoo):
+    """case -> (HF greedy tokens, HF per-step logits [MAX_NEW, V]) for `generate_prompt(case)`."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = hf_greedy(zoo(CASES[case][0]).hf, generate_prompt(case), MAX_NEW)
+        return cache[case]
+
+    return get
+
+
+def test_decode_cases_are_classified_right(results):
+    for case in ENDS_AT_MAX + TIME_OUTRUNS_TEXT:
+        r = results(case)
+        ends_at_max = r.hf_pos[:, -1].max() == r.hf_pos.max()
+        assert ends_at_max == (case in ENDS_AT_MAX), case
+    assert set(DECODE_CASES) <= set(GENERATE_CASES) <= set(ENDS_AT_MAX)
+
+
+def test_generate_cases_cover_every_config():
+    assert len(GENERATE_CASES) >= 5 and {CASES[c][0] for c in GENERATE_CASES} == set(CONFIGS)
+    assert {s[0] for c in GENERATE_CASES for s in CASES[c][1] if isinstance(s, tuple)} == {"image", "video"}
+
+
+@pytest.mark.parametrize("case", GENERATE_CASES)
+def test_greedy_generate_matches_hf(zoo, hf_refs, case):
+    m = zoo(CASES[case][0])
+    ours = generate(m.ours, [generate_prompt(case)], max_new_tokens=MAX_NEW, eos_ids=())[0]
+    assert_greedy_equal(ours, *hf_refs(case))
+
+
+def teacher_forced(zoo, hf_refs, case, positions_fn):
+    """Max errors of our prefill's last logits, and of `verify` over the chain of HF's greedy tokens
+    at decode positions `positions_fn(batch, pre, n)`, against HF generate's per-step logits."""
+    model = zoo(CASES[case][0]).ours
+    ref, ref_logits = hf_refs(case)
+    batch = prepare_prefill_batch([generate_prompt(case)], model.cfg)
+    graphdef, params = nnx.split(model)
+    # same static arguments as `generate`'s prefill, so its compiled executable is reused
+    pre = tg.prefill(graphdef, params, batch, capacity=cache_capacity(batch.input_ids_BT.shape[1], MAX_NEW),
+                     m_star=model.cfg.num_layers // 2, impl="xla")
+    n = MAX_NEW - 1
+    chain = jnp.tril(jnp.ones((n, n), bool))
+    out = tg.verify(graphdef, params, pre.cache, jnp.asarray([ref[:n]], jnp.int32), positions_fn(batch, pre, n), chain)
+    return (maxerr(np.asarray(pre.last_logits_BV)[0], ref_logits[0]),
+            maxerr(np.asarray(out.logits_BNV)[0], ref_logits[1:]))
+
+
+def delta_positions(batch, pre, n):  # the library's decode rule: cache slot + rope delta
+    return pre.cache.lengths_B[:, None] + jnp.arange(n)[None] + pre.rope_delta_B[:, None]
+
+
+def last_plus_one_positions(batch, pre, n):  # transformers 5.23 generate: last prompt position + 1 + i
+    last = jnp.max(jnp.take_along_axis(batch.positions_3BT, (batch.lengths_B - 1)[None, :, None], axis=2), axis=0)
+    return last + 1 + jnp.arange(n)[None]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_logits_match_hf(zoo, hf_refs, case):
+    """Teacher-forced on HF's greedy tokens: prefill's last logits and `verify` over the generated
+    chain at decode positions cache slot + rope delta reproduce every step's logits."""
+    prefill_err, verify_err = teacher_forced(zoo, hf_refs, case, delta_positions)
+    assert prefill_err <= TOL and verify_err <= TOL
+
+
+@pytest.mark.parametrize("case", TIME_OUTRUNS_TEXT[:1])
+def test_verify_logits_match_hf_at_hf_decode_positions(zoo, hf_refs, case):
+    """Where video time outruns the text, `verify` still matches HF generate step for step when given
+    HF generate's decode positions (last prompt position + 1 + i): the model math is right, only the
+    decode-position rule differs (see the xfails below)."""
+    prefill_err, verify_err = teacher_forced(zoo, hf_refs, case, last_plus_one_positions)
+    assert prefill_err <= TOL and verify_err <= TOL
+
+
+DECODE_RULE_BUG = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "library vs transformers 5.23 generate: decode positions are cache slot + rope_delta (rope_delta = max over "
+    "t/h/w prompt positions + 1 - T), HF generate continues at the last prompt position + 1; they differ when a "
+    "video's temporal positions exceed the last text position"))
+
+
+@DECODE_RULE_BUG
+@pytest.mark.parametrize("case", TIME_OUTRUNS_TEXT[:1])
+def test_decode_logits_match_hf_when_video_time_outruns_text(zoo, hf_refs, case):
+    prefill_err, verify_err = teacher_forced(zoo, hf_refs, case, delta_positions)
+    assert prefill_err <= TOL  # the prompt itself is fine
+    assert verify_err <= TOL
+
+
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason=DECODE_RULE_BUG.kwargs["reason"] + (
+    "; user-visible: greedy tokens diverge (non-strict: whether a token flips depends on the random weights)"))
+def test_greedy_generate_matches_hf_when_video_time_outruns_text(zoo, hf_refs):
+    case = TIME_OUTRUNS_TEXT[0]
+    ours = generate(zoo(CASES[case][0]).ours, [generate_prompt(case)], max_new_tokens=MAX_NEW, eos_ids=())[0]
+    assert_greedy_equal(ours, *hf_refs(case))
 
 
 @pytest.mark.slow
-def test_greedy_generate_matches_hf(zoo):
-    cfg_names = set()
-    for case in GENERATE_CASES:
-        cfg_name, segments = CASES[case]
-        cfg_names.add(cfg_name)
-        m = zoo(cfg_name)
-        p = build_prompt(segments, seed=100 + sorted(CASES).index(case))
-        ours = generate(m.ours, [p], max_new_tokens=MAX_NEW, eos_ids=())[0]
-        ref, ref_logits = hf_greedy(m.hf, p, MAX_NEW)
-        assert_greedy_equal(ours, ref, ref_logits)
-    assert len(GENERATE_CASES) >= 5 and cfg_names == set(CONFIGS)
+def test_batched_greedy_generate_matches_hf(zoo, hf_refs):
+    """Prompts of different lengths and visuals right-padded into one batch decode exactly as HF
+    decodes each alone."""
+    cases = ["gqa2-video-t3", "gqa2-image", "gqa2-image-video"]
+    m = zoo("gqa2")
+    ours = generate(m.ours, [generate_prompt(c) for c in cases], max_new_tokens=MAX_NEW, eos_ids=())
+    for case, toks in zip(cases, ours):
+        assert_greedy_equal(toks, *hf_refs(case))
 
 
 # ------------------------------------------------------------------------------------- bf16 weights

@@ -135,7 +135,7 @@ def _read_tensors(d: Path) -> dict[str, tuple[np.ndarray, Path]]:
     out = {}
     for f, keys in by_file.items():
         try:
-            with safe_open(str(f), "flax") as fh:
+            with safe_open(str(f), "np") as fh:
                 present = set(fh.keys())
                 for k in keys:
                     if k not in present:

@@ -75,8 +75,8 @@ class DraftConfig:
         kw = {k: v for k, v in d.items() if k in fields}
         if "num_layers" not in kw and "num_hidden_layers" in d:
             kw["num_layers"] = d["num_hidden_layers"]
-        if "qkv_bias" not in kw and "bias" in d:
-            kw["qkv_bias"] = bool(d["bias"])
+        if "qkv_bias" not in kw and "attention_bias" in d:  # EAGLE's own `bias` is the fc bias, not q/k/v
+            kw["qkv_bias"] = bool(d["attention_bias"])
         if "rope_theta" not in kw and isinstance(d.get("rope_parameters"), dict):
             kw["rope_theta"] = d["rope_parameters"].get("rope_theta", 1e6)
         missing = [f for f in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if f not in kw]
