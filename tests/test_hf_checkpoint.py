@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 torch = pytest.importorskip("torch")
@@ -259,14 +258,6 @@ def test_only_pytorch_bin(base, tmp_path):
         load_qwen2_5_vl(tmp_path)
 
 
-# Library bug: `_tensor_files` opens a single-file model.safetensors with `safe_open` outside the
-# try/except of `read_tensors`, so a damaged file escapes as a bare SafetensorError that does not name
-# the file. Strict xfail: this starts failing (XPASS) once it is fixed; then drop the marker.
-SINGLE_FILE_BUG = pytest.mark.xfail(strict=True, raises=SafetensorError, reason=(
-    "hf_checkpoint._tensor_files: safe_open of a corrupt single model.safetensors raises a raw SafetensorError"))
-
-
-@SINGLE_FILE_BUG
 def test_truncated_safetensors(broken):
     f = broken / SAFETENSORS
     data = f.read_bytes()
@@ -275,7 +266,6 @@ def test_truncated_safetensors(broken):
         load_qwen2_5_vl(broken)
 
 
-@SINGLE_FILE_BUG
 def test_garbage_safetensors(broken):
     (broken / SAFETENSORS).write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match=SAFETENSORS):

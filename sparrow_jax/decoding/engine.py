@@ -44,6 +44,9 @@ class EngineConfig:
     sampling: SamplingParams = SamplingParams()
     eos_ids: tuple[int, ...] = ()
     impl: str = "xla"
+    # Optional host hook fn(tokens [B, L], counts [B]) called as tokens are committed (streaming);
+    # a device->host transfer per round, so leave it None when timing.
+    on_emit: object = None
 
     @property
     def block(self) -> int:
@@ -170,16 +173,45 @@ def _is_eos(tok, eos_ids):
     return jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
 
 
+def draft_phase(target, draft, dcache: KVCache, pend_tok_BL, pend_h_BLD, pend_n_B, active_B, cfg: EngineConfig):
+    """Catch-up on the pending pairs (committed to the draft cache), then the draft tree."""
+    B, L = pend_tok_BL.shape
+    arL = jnp.arange(L)
+    dpos = dcache.lengths_B[:, None] + arL[None]
+    blk = jnp.tril(jnp.ones((L, L), bool))[None] & (arL[None, None] < pend_n_B[:, None, None])
+    h_out, kvs = draft(target.embed(pend_tok_BL), pend_h_BLD, dpos,
+                       attn_lib.MaskSpec(kv_len_B=dcache.lengths_B, block_mask_BTN=blk),
+                       caches=list(zip(dcache.k, dcache.v)), impl=cfg.impl)
+    dcache = commit(dcache, kvs, jnp.broadcast_to(arL[None], (B, L)), jnp.where(active_B, pend_n_B, 0))
+    last = (pend_n_B - 1)[:, None]
+    h_root = _take(h_out, last)[:, 0]
+    root = jnp.take_along_axis(pend_tok_BL, last, 1)[:, 0]
+    return dcache, build_tree(target, draft, dcache, h_root, root, cfg.tree, cfg.impl)
+
+
+def verify_phase(target, tcache: KVCache, tree: Tree, rope_delta_B, key, cfg: EngineConfig):
+    """Target forward over the tree and the acceptance rule."""
+    tpos = (tcache.lengths_B + rope_delta_B)[:, None] + tree.depth_BN
+    v = tg.verify_fn(target, tcache, tree.tokens_BN, tpos, tree.ancestors_BNN, cfg.impl)
+    if cfg.sampling.greedy:
+        acc = accept_greedy(tree, v.logits_BNV, cfg.tree.depth)
+    else:
+        acc = accept_sampling(key, tree, v.logits_BNV, cfg.tree.depth, cfg.sampling)
+    return v, acc
+
+
 @partial(jax.jit, static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
 def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
                          last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig) -> SpecResult:
     """Generate up to cfg.max_new_tokens per row after both prefills; one compiled while_loop."""
     target, draft = nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams)
     B = last_logits_BV.shape[0]
-    M, L, spec = cfg.max_new_tokens, cfg.block, cfg.tree
+    M, L = cfg.max_new_tokens, cfg.block
     arL = jnp.arange(L)
     key, k0 = jax.random.split(key)
     r0 = select_tokens(k0, last_logits_BV, cfg.sampling)
+    if cfg.on_emit is not None:
+        jax.debug.callback(cfg.on_emit, r0[:, None], jnp.ones((B,), jnp.int32))
     init = dict(
         tcache=tcache, dcache=dcache,
         out=jnp.zeros((B, M + L), jnp.int32).at[:, 0].set(r0), n_out=jnp.ones((B,), jnp.int32),
@@ -195,38 +227,22 @@ def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcac
 
     def body(s):
         active = ~s["done"]
-        dcache, tcache = s["dcache"], s["tcache"]
-        # 1. draft catch-up on the pending pairs, committed.
-        dpos = dcache.lengths_B[:, None] + arL[None]
-        blk = jnp.tril(jnp.ones((L, L), bool))[None] & (arL[None, None] < s["pend_n"][:, None, None])
-        h_out, kvs = draft(target.embed(s["pend_tok"]), s["pend_h"], dpos,
-                           attn_lib.MaskSpec(kv_len_B=dcache.lengths_B, block_mask_BTN=blk),
-                           caches=list(zip(dcache.k, dcache.v)), impl=cfg.impl)
-        dcache = commit(dcache, kvs, jnp.broadcast_to(arL[None], (B, L)), jnp.where(active, s["pend_n"], 0))
-        last = (s["pend_n"] - 1)[:, None]
-        h_root = _take(h_out, last)[:, 0]
-        root = jnp.take_along_axis(s["pend_tok"], last, 1)[:, 0]
-        # 2-3. tree and verification.
-        tree = build_tree(target, draft, dcache, h_root, root, spec, cfg.impl)
-        tpos = (tcache.lengths_B + rope_delta_B)[:, None] + tree.depth_BN
-        v = tg.verify_fn(target, tcache, tree.tokens_BN, tpos, tree.ancestors_BNN, cfg.impl)
-        # 4. acceptance and target commit.
+        dcache, tree = draft_phase(target, draft, s["dcache"], s["pend_tok"], s["pend_h"], s["pend_n"], active, cfg)
         key, k_acc = jax.random.split(s["key"])
-        if cfg.sampling.greedy:
-            acc = accept_greedy(tree, v.logits_BNV, spec.depth)
-        else:
-            acc = accept_sampling(k_acc, tree, v.logits_BNV, spec.depth, cfg.sampling)
+        v, acc = verify_phase(target, s["tcache"], tree, rope_delta_B, k_acc, cfg)
         n = acc.num_accepted_B
-        tcache = commit(tcache, v.block_kv, acc.path_BL, jnp.where(active, n, 0))
+        tcache = commit(s["tcache"], v.block_kv, acc.path_BL, jnp.where(active, n, 0))
         # Emitted this round: accepted drafts (path[1:n]) then the bonus token.
         path_tok = jnp.take_along_axis(tree.tokens_BN, acc.path_BL, 1)
         emit = jnp.where(arL[None] < (n - 1)[:, None], jnp.roll(path_tok, -1, axis=1), acc.bonus_B[:, None])
         eos_hit = _is_eos(emit, cfg.eos_ids) & (arL[None] < n[:, None])
         count = jnp.where(eos_hit.any(-1), jnp.argmax(eos_hit, -1) + 1, n)
-        count = jnp.minimum(count, M - s["n_out"])
+        count = jnp.where(active, jnp.minimum(count, M - s["n_out"]), 0)
+        if cfg.on_emit is not None:
+            jax.debug.callback(cfg.on_emit, emit, count)
         out = jax.vmap(lambda o, e, at: jax.lax.dynamic_update_slice(o, e, (at,)))(s["out"], emit, s["n_out"])
         out = jnp.where(active[:, None], out, s["out"])
-        n_out = s["n_out"] + jnp.where(active, count, 0)
+        n_out = s["n_out"] + count
         done = s["done"] | (active & (eos_hit & (arL[None] < count[:, None])).any(-1)) | (n_out >= M)
         return dict(
             tcache=tcache, dcache=dcache, out=out, n_out=n_out, done=done,

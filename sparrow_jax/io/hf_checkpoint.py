@@ -75,8 +75,11 @@ def _tensor_files(d: Path) -> dict[str, Path]:
         return {k: d / f for k, f in wm.items()}
     single = d / "model.safetensors"
     if single.is_file():
-        with safe_open(str(single), "np") as f:
-            return {k: single for k in f.keys()}
+        try:
+            with safe_open(str(single), "np") as f:
+                return {k: single for k in f.keys()}
+        except Exception as e:  # truncated / corrupt header
+            raise CheckpointError(f"{single}: cannot read safetensors ({type(e).__name__}: {e})") from None
     if list(d.glob("*.bin")) or list(d.glob("*.pt")):
         raise CheckpointError(f"{d}: only pickle weights (*.bin/*.pt) found; convert them to safetensors")
     raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json")

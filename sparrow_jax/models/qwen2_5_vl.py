@@ -256,10 +256,16 @@ def vision_layout(grids_thw, vcfg: VisionConfig) -> VisionLayout:
 
 
 def rope_index(input_ids, mm_token_type_ids, grids_thw, second_per_grid_ts, cfg: Qwen25VLConfig):
-    """3-D M-RoPE positions [3, T] and rope delta for one unpadded row, as transformers 5.23's
+    """3-D M-RoPE positions [3, T] and decode delta for one unpadded row, as transformers 5.23's
     `get_rope_index`: text runs count up by 1; a visual block starts at the running position p,
     t = p + floor(i * tokens_per_second * second_per_grid_t) (images: interval 1), h/w = p + index on
-    the merged grid; text after the block resumes at p + max(h, w) / merge. delta = max + 1 - T."""
+    the merged grid; text after the block resumes at p + max(h, w) / merge.
+
+    Decode delta: generated token at cache slot i sits at position i + delta with
+    delta = last prompt position + 1 - T, i.e. text continues from the last prompt token. This is what
+    a full forward over prompt + generated text computes and what transformers 5.23 `generate` does;
+    it differs from `get_rope_index`'s own delta (max over all positions + 1 - T) when a video's
+    temporal positions run past the last text position."""
     types = np.asarray(mm_token_type_ids)
     m = cfg.vision.spatial_merge_size
     grids, secs = iter(grids_thw), iter(second_per_grid_ts)
@@ -283,7 +289,7 @@ def rope_index(input_ids, mm_token_type_ids, grids_thw, second_per_grid_ts, cfg:
         pos.append(np.stack([T_.reshape(-1) + cur, H_.reshape(-1), W_.reshape(-1)]))
         cur += max(h, w) // m
     pos = np.concatenate(pos, axis=1) if pos else np.zeros((3, 0), np.int64)
-    delta = int(pos.max()) + 1 - pos.shape[1] if pos.size else 0
+    delta = int(pos[:, -1].max()) + 1 - pos.shape[1] if pos.size else 0
     return pos.astype(np.int32), delta
 
 
