@@ -9,7 +9,10 @@ download. Point --target at a HF checkpoint directory to run a real model.
   python decode.py --target ~/ckpt/Qwen2.5-VL-7B-Instruct --video a.mp4 --prompt "What happens?" --dtype bfloat16
   python decode.py --video a.mp4 --prompt "Describe." --video b.mp4 --prompt "Count the objects." --jsonl out.jsonl
 
-Speculative modes (Sparrow draft) arrive with the engine; today --mode ar is the baseline decoder.
+Modes: `ar` (target alone, the baseline), `sparrow` (text-only draft: VATA + HSR), `full_visual`
+(MSD-style draft that keeps every visual position), `pruned_visual` (SpecVLM-style: a fraction of the
+visual positions). Without --draft a random draft is used: output stays exactly the target's (the
+verifier guarantees it) but few drafts are accepted. --compare-ar runs AR too and prints DSR/ESR.
 """
 
 from __future__ import annotations
@@ -42,13 +45,21 @@ def parse_args(argv=None):
     inp.add_argument("--max-frames", type=int, default=768)
     inp.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel budget (Qwen resize rule)")
     gen = ap.add_argument_group("generation")
-    gen.add_argument("--mode", choices=["ar"], default="ar", help="decoding mode")
+    gen.add_argument("--mode", choices=["ar", "sparrow", "full_visual", "pruned_visual"], default="sparrow",
+                     help="decoding mode (sparrow = text-only draft)")
+    gen.add_argument("--draft", help="draft checkpoint directory (ours or EAGLE format); default: random draft")
+    gen.add_argument("--tree", default="48-5-10", help="TOTAL-DEPTH-TOPK (depth = max draft tokens on a path), "
+                     "or chainD; paper: Qwen2.5-VL 48-5-10, LLaVA-OV 30-4-8")
+    gen.add_argument("--keep-fraction", type=float, default=0.25, help="pruned_visual: visual positions kept")
+    gen.add_argument("--compare-ar", action="store_true", help="also run AR; print DSR/ESR (runs are warmed up, "
+                     "timed without streaming)")
+    gen.add_argument("--no-stream", action="store_true", help="do not print tokens as they are committed")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--attention", choices=["xla"], default="xla", help="attention implementation")
+    gen.add_argument("--attention", choices=["xla", "pallas"], default="xla", help="attention implementation")
     ap.add_argument("--jsonl", help="append one JSON line per row with tokens, text and timings")
     return ap.parse_args(argv)
 
@@ -82,6 +93,23 @@ def build_prompts(args, cfg, codec, workdir):
     return prompts_text, out
 
 
+class StreamPrinter:
+    """Host hook for the jitted loops: prints each row's newly committed tokens."""
+
+    def __init__(self, codec, rows: int):
+        self.codec, self.rows = codec, rows
+
+    def __call__(self, tokens, counts):
+        import numpy as np  # noqa: PLC0415
+
+        tokens, counts = np.asarray(tokens), np.asarray(counts)
+        for b in range(tokens.shape[0]):
+            if counts[b] > 0:
+                text = self.codec.decode(tokens[b, :counts[b]].tolist())
+                prefix = f"[{b}] " if self.rows > 1 else ""
+                print(f"{prefix}{text}" if self.rows > 1 else text, end="\n" if self.rows > 1 else "", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     import jax  # noqa: PLC0415
@@ -89,17 +117,24 @@ def main(argv=None):
     import numpy as np  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
+    from sparrow_jax.decoding import engine as E  # noqa: PLC0415
     from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity  # noqa: PLC0415
+    from sparrow_jax.decoding.metrics import DEFINITIONS, acceptance_summary, speed_summary  # noqa: PLC0415
     from sparrow_jax.decoding.sampling import SamplingParams  # noqa: PLC0415
+    from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
+    from sparrow_jax.io.draft_checkpoint import import_eagle  # noqa: PLC0415
     from sparrow_jax.io.hf_checkpoint import CheckpointError, load_qwen2_5_vl  # noqa: PLC0415
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import VisionInputError  # noqa: PLC0415
     from sparrow_jax.models import target as tg  # noqa: PLC0415
+    from sparrow_jax.models.draft import DraftConfig, DraftConfigError, SparrowDraft  # noqa: PLC0415
     from sparrow_jax.models.qwen2_5_vl import ConfigError, Qwen25VL, Qwen25VLConfig, prepare_prefill_batch  # noqa: PLC0415
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    visual_mode = {"sparrow": "text_only", "full_visual": "full_visual", "pruned_visual": "pruned_visual"}.get(args.mode)
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
+        tree = TreeSpec.parse(args.tree)
         if args.target:
             model = load_qwen2_5_vl(args.target, dtype=dtype)
             source = args.target
@@ -108,44 +143,106 @@ def main(argv=None):
             model = Qwen25VL(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
             source = f"random init of {args.config} (no trained weights shipped yet)"
         cfg = model.cfg
+        draft, draft_source = None, None
+        if visual_mode is not None or args.compare_ar:
+            if args.draft:
+                draft = import_eagle(args.draft, target_cfg=cfg, dtype=dtype)
+                draft_source = args.draft
+            else:
+                draft = SparrowDraft(DraftConfig.for_target(cfg), rngs=nnx.Rngs(args.seed + 1), dtype=dtype)
+                draft_source = "random draft (lossless, but rarely accepted)"
         codec = load_codec(args.target, cfg.text.vocab_size)
         with tempfile.TemporaryDirectory() as workdir:
             texts, prompts = build_prompts(args, cfg, codec, workdir)
-    except (CheckpointError, ConfigError, VisionInputError, ValueError, OSError) as e:
+    except (CheckpointError, ConfigError, DraftConfigError, VisionInputError, ValueError, OSError) as e:
         sys.exit(f"decode.py: error: {e}")
     print(f"[decode] target: {source}\n[decode] tokenizer: {codec.name}\n[decode] backend: {jax.default_backend()}, "
-          f"dtype {args.dtype}, batch {len(prompts)}")
+          f"dtype {args.dtype}, batch {len(prompts)}, mode {args.mode}" +
+          (f", tree {tree}, draft: {draft_source}" if visual_mode else ""))
 
-    graphdef, params = nnx.split(model)
-    t0 = time.perf_counter()
-    batch = prepare_prefill_batch(prompts, cfg)
-    T = batch.input_ids_BT.shape[1]
-    t_host = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pre = tg.prefill(graphdef, params, batch, capacity=cache_capacity(T, args.max_new_tokens),
-                     m_star=cfg.num_layers // 2, impl=args.attention)
-    jax.block_until_ready(pre)
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res = ar_generate(graphdef, params, pre.cache, pre.last_logits_BV, pre.rope_delta_B, jax.random.key(args.seed),
-                      max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=tuple(cfg.eos_token_ids),
-                      impl=args.attention)
-    jax.block_until_ready(res)
-    t_decode = time.perf_counter() - t0
-    toks, n = np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B)
-    print(f"[decode] prompt bucket {T} tokens; host prep {t_host:.2f}s, prefill {t_prefill:.2f}s, "
-          f"decode {t_decode:.2f}s ({int(n.sum())} tokens; first call includes compilation)")
+    B = len(prompts)
+    tgraph, tparams = nnx.split(model)
+    stream = None if (args.no_stream or args.compare_ar) else StreamPrinter(codec, B)
+    eos = tuple(cfg.eos_token_ids)
+    key = jax.random.key(args.seed)
+
+    def run_ar(on_emit=None):
+        t0 = time.perf_counter()
+        batch = prepare_prefill_batch(prompts, cfg)
+        T = batch.input_ids_BT.shape[1]
+        pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, args.max_new_tokens),
+                                               m_star=cfg.num_layers // 2, impl=args.attention))
+        t1 = time.perf_counter()
+        res = jax.block_until_ready(ar_generate(tgraph, tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
+                                                max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
+                                                impl=args.attention, on_emit=on_emit))
+        t2 = time.perf_counter()
+        return dict(tokens=np.asarray(res.tokens_BM), n=np.asarray(res.num_tokens_B), prefill_s=t1 - t0,
+                    decode_s=t2 - t1, batch=batch)
+
+    def run_spec(on_emit=None):
+        ecfg = E.EngineConfig(tree=tree, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
+                              impl=args.attention, on_emit=on_emit)
+        dgraph, dparams = nnx.split(draft)
+        t0 = time.perf_counter()
+        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction)
+        jax.block_until_ready((p.pre, p.dcache))
+        t1 = time.perf_counter()
+        res = jax.block_until_ready(E.speculative_generate(
+            tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV, p.pre.last_hidden_BD,
+            p.pre.rope_delta_B, key, cfg=ecfg))
+        t2 = time.perf_counter()
+        return dict(tokens=np.asarray(res.tokens_BM), n=np.asarray(res.num_tokens_B), prefill_s=t1 - t0,
+                    decode_s=t2 - t1, batch=p.batch, accepted=np.asarray(res.accepted_BR), ecfg=ecfg)
+
+    runs = {}
+    if args.compare_ar:
+        print("[decode] warm-up runs (compilation) ...", flush=True)
+        run_ar(), run_spec()
+        runs["ar"], runs["spec"] = run_ar(), run_spec()
+        if visual_mode is None:
+            runs.pop("spec")
+    elif visual_mode is None:
+        runs["ar"] = run_ar(stream)
+    else:
+        runs["spec"] = run_spec(stream)
+    if stream is not None:
+        print()
+    main_run = runs.get("spec", runs.get("ar"))
+    batch = main_run["batch"]
+    record = {"mode": args.mode, "target": source, "draft": draft_source, "tree": str(tree) if visual_mode else None,
+              "batch": B, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+              "prefill_s": main_run["prefill_s"], "decode_s": main_run["decode_s"],
+              "first_call_includes_compile": not args.compare_ar}
+    print(f"[decode] prompt bucket {batch.input_ids_BT.shape[1]} tokens; prefill {main_run['prefill_s']:.2f}s, "
+          f"decode {main_run['decode_s']:.2f}s ({int(main_run['n'].sum())} tokens"
+          f"{'; first call includes compilation' if not args.compare_ar else ''})")
+    if "spec" in runs:
+        acc = acceptance_summary(runs["spec"]["accepted"], tree.depth)
+        record.update(acc)
+        print(f"[decode] tau {acc['tau']:.2f} over {acc['rounds']} rounds; acceptance per depth "
+              f"{acc['acceptance_per_depth']}")
+    if "spec" in runs and "ar" in runs:
+        same = all(runs["spec"]["tokens"][b, :runs["spec"]["n"][b]].tolist() ==
+                   runs["ar"]["tokens"][b, :runs["ar"]["n"][b]].tolist() for b in range(B))
+        sp = speed_summary(ar_prefill_s=runs["ar"]["prefill_s"], ar_decode_s=runs["ar"]["decode_s"],
+                           spec_prefill_s=runs["spec"]["prefill_s"], spec_decode_s=runs["spec"]["decode_s"])
+        record.update(sp, ar_prefill_s=runs["ar"]["prefill_s"], ar_decode_s=runs["ar"]["decode_s"],
+                      outputs_identical_to_ar=same)
+        print(f"[decode] AR prefill {runs['ar']['prefill_s']:.2f}s decode {runs['ar']['decode_s']:.2f}s -> "
+              f"DSR {sp['DSR']:.2f}, ESR {sp['ESR']:.2f}, prefill share {sp['prefill_share_spec']:.1%}; "
+              f"outputs identical to AR: {same}" + ("" if sampling.greedy else " (sampling: same law, not same draws)"))
+    print(f"[decode] {DEFINITIONS}")
     for b, text in enumerate(texts):
-        ids = toks[b, :n[b]].tolist()
+        ids = main_run["tokens"][b, :main_run["n"][b]].tolist()
         answer = codec.decode(ids)
         nvis = int(batch.vis_len_B[b])
         print(f"\n[{b}] Q: {text}  ({len(prompts[b].input_ids)} prompt tokens, {nvis} visual)\n[{b}] A: {answer!r}"
               f"\n[{b}] ids: {ids}")
         if args.jsonl:
             with open(args.jsonl, "a") as f:
-                f.write(json.dumps({"row": b, "prompt": text, "mode": args.mode, "tokens": ids, "text": answer,
-                                    "prompt_tokens": len(prompts[b].input_ids), "visual_tokens": nvis,
-                                    "prefill_s": t_prefill, "decode_s": t_decode, "target": source}) + "\n")
+                f.write(json.dumps({**record, "row": b, "prompt": text, "tokens": ids, "text": answer,
+                                    "prompt_tokens": len(prompts[b].input_ids), "visual_tokens": nvis}) + "\n")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,14 @@ def _is_eos(tok_B, eos_ids):
     return jnp.isin(tok_B, jnp.asarray(eos_ids, jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "impl"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "impl", "on_emit"),
+         donate_argnames=("cache",))
 def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, *, max_new_tokens: int,
-                sampling: SamplingParams, eos_ids: tuple[int, ...] = (), impl: str = "xla") -> GenerationResult:
+                sampling: SamplingParams, eos_ids: tuple[int, ...] = (), impl: str = "xla",
+                on_emit=None) -> GenerationResult:
     """Generate up to `max_new_tokens` per row after `prefill` (its cache, last logits and rope delta).
-    The cache must have room for them (`cache_capacity`); it is donated."""
+    The cache must have room for them (`cache_capacity`); it is donated. `on_emit(tokens [B, 1],
+    counts [B])` is an optional host hook for streaming (a device->host transfer per step)."""
     model = nnx.merge(graphdef, params)
     B = last_logits_BV.shape[0]
     one_node = jnp.ones((B, 1, 1), bool)
@@ -54,6 +57,8 @@ def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, 
         out = s["tokens"].at[jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)].set(
             jnp.where(active, tok_B, s["tokens"][jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)]))
         n = s["n"] + active
+        if on_emit is not None:
+            jax.debug.callback(on_emit, tok_B[:, None], active.astype(jnp.int32), ordered=True)
         done = s["done"] | (active & _is_eos(tok_B, eos_ids)) | (n >= max_new_tokens)
 
         def forward(cache):

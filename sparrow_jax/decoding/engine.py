@@ -211,7 +211,7 @@ def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcac
     key, k0 = jax.random.split(key)
     r0 = select_tokens(k0, last_logits_BV, cfg.sampling)
     if cfg.on_emit is not None:
-        jax.debug.callback(cfg.on_emit, r0[:, None], jnp.ones((B,), jnp.int32))
+        jax.debug.callback(cfg.on_emit, r0[:, None], jnp.ones((B,), jnp.int32), ordered=True)
     init = dict(
         tcache=tcache, dcache=dcache,
         out=jnp.zeros((B, M + L), jnp.int32).at[:, 0].set(r0), n_out=jnp.ones((B,), jnp.int32),
@@ -239,7 +239,7 @@ def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcac
         count = jnp.where(eos_hit.any(-1), jnp.argmax(eos_hit, -1) + 1, n)
         count = jnp.where(active, jnp.minimum(count, M - s["n_out"]), 0)
         if cfg.on_emit is not None:
-            jax.debug.callback(cfg.on_emit, emit, count)
+            jax.debug.callback(cfg.on_emit, emit, count, ordered=True)
         out = jax.vmap(lambda o, e, at: jax.lax.dynamic_update_slice(o, e, (at,)))(s["out"], emit, s["n_out"])
         out = jnp.where(active[:, None], out, s["out"])
         n_out = s["n_out"] + count
@@ -299,3 +299,40 @@ def generate(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str
                                p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(seed), cfg=cfg)
     toks, n = np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B)
     return [toks[b, :n[b]].tolist() for b in range(len(prompts))], res
+
+
+def profile_phases(target_model, draft_model, prepared: Prepared, cfg: EngineConfig, repeats: int = 5) -> dict:
+    """Median wall time (s) of one round's draft phase and verify phase, each jitted alone on the state
+    right after prefill — the per-round split the fused loop cannot report."""
+    import time  # noqa: PLC0415
+
+    tgraph, tparams = nnx.split(target_model)
+    dgraph, dparams = nnx.split(draft_model)
+    B = prepared.pre.last_logits_BV.shape[0]
+    L = cfg.block
+    r0 = jnp.argmax(prepared.pre.last_logits_BV, -1).astype(jnp.int32)
+    pend_tok = jnp.zeros((B, L), jnp.int32).at[:, 0].set(r0)
+    pend_h = jnp.zeros((B, L, prepared.pre.last_hidden_BD.shape[-1]), prepared.pre.last_hidden_BD.dtype)
+    pend_h = pend_h.at[:, 0].set(prepared.pre.last_hidden_BD)
+    pend_n, active = jnp.ones((B,), jnp.int32), jnp.ones((B,), bool)
+
+    @jax.jit
+    def draft_only(tp, dp, dcache):
+        return draft_phase(nnx.merge(tgraph, tp), nnx.merge(dgraph, dp), dcache, pend_tok, pend_h, pend_n, active, cfg)
+
+    @jax.jit
+    def verify_only(tp, tcache, tree, key):
+        return verify_phase(nnx.merge(tgraph, tp), tcache, tree, prepared.pre.rope_delta_B, key, cfg)
+
+    def timed(fn, *args):
+        jax.block_until_ready(fn(*args))
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts)), out
+
+    draft_s, (_, tree) = timed(draft_only, tparams, dparams, prepared.dcache)
+    verify_s, _ = timed(verify_only, tparams, prepared.pre.cache, tree, jax.random.key(0))
+    return {"draft_s_per_round": draft_s, "verify_s_per_round": verify_s}
