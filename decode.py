@@ -44,6 +44,7 @@ def parse_args(argv=None):
     inp.add_argument("--fps", type=float, default=2.0, help="video sampling rate (frames per second)")
     inp.add_argument("--max-frames", type=int, default=768)
     inp.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel budget (Qwen resize rule)")
+    inp.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor (Qwen resize rule)")
     gen = ap.add_argument_group("generation")
     gen.add_argument("--mode", choices=["ar", "sparrow", "full_visual", "pruned_visual"], default="sparrow",
                      help="decoding mode (sparrow = text-only draft)")
@@ -76,9 +77,18 @@ def build_prompts(args, cfg, codec, workdir):
         path, scene = demo_video(Path(workdir) / "demo.mp4", seed=args.seed)
         print(f"[decode] no inputs given: generated {path.name} with {len(scene)} moving object(s)")
         videos = [str(path)]
+    def bounds(base):
+        kw = {}
+        if args.max_pixels:
+            kw["max_pixels"] = args.max_pixels
+            kw["min_pixels"] = min(base.min_pixels, args.max_pixels)
+        if args.min_pixels:
+            kw["min_pixels"] = args.min_pixels
+        return kw
+
     vcfg = VisionPreprocessConfig.for_video(fps=args.fps, max_frames=args.max_frames,
-                                            **({"max_pixels": args.max_pixels} if args.max_pixels else {}))
-    icfg = VisionPreprocessConfig(**({"max_pixels": args.max_pixels} if args.max_pixels else {}))
+                                            **bounds(VisionPreprocessConfig.for_video()))
+    icfg = VisionPreprocessConfig(**bounds(VisionPreprocessConfig()))
     visuals = [preprocess_video(v, vcfg) for v in videos] + [preprocess_image(i, icfg) for i in args.image]
     if len(visuals) > len(prompts_text):
         prompts_text += [prompts_text[-1]] * (len(visuals) - len(prompts_text))

@@ -1,0 +1,73 @@
+"""decode.py end to end on a tiny config: real video file in, JSON lines out, speculative output equal
+to AR, clear errors for bad inputs and for a draft that does not fit the target."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+import _tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import decode  # noqa: E402
+from sparrow_jax.io.draft_checkpoint import save_draft  # noqa: E402
+from sparrow_jax.models.draft import DraftConfig, SparrowDraft  # noqa: E402
+from sparrow_jax.synthetic.video import random_scene, render_frames, write_video  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cfg = d / "tiny_config.json"
+    cfg.write_text(json.dumps(_tiny.BASE_HF_CONFIG))
+    import numpy as np
+
+    frames = render_frames(random_scene(np.random.default_rng(0)), num_frames=8, fps=4, height=56, width=56)
+    video = write_video(d / "clip.mp4", frames, fps=4)
+    return d, cfg, video
+
+
+def test_sparrow_mode_with_compare_ar_writes_jsonl(files, capsys):
+    d, cfg, video = files
+    out = d / "out.jsonl"
+    decode.main(["--config", str(cfg), "--video", str(video), "--prompt", "What moves?", "--video", str(video),
+                 "--prompt", "Colours?", "--max-pixels", str(56 * 56), "--max-new-tokens", "6", "--tree", "10-3-3",
+                 "--compare-ar", "--jsonl", str(out)])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["row"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["outputs_identical_to_ar"] is True
+        assert r["mode"] == "sparrow" and r["visual_tokens"] > 0 and len(r["tokens"]) == 6
+        assert r["tau"] >= 1.0 and r["DSR"] > 0 and r["ESR"] > 0
+    assert "DSR" in capsys.readouterr().out
+
+
+def test_bad_video_is_a_one_line_error(files):
+    d, cfg, _ = files
+    bad = d / "broken.mp4"
+    bad.write_bytes(b"not a video")
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--config", str(cfg), "--video", str(bad), "--max-new-tokens", "2"])
+    msg = str(e.value)
+    assert "broken.mp4" in msg and "\n" not in msg
+
+
+def test_draft_that_does_not_fit_is_refused(files):
+    d, cfg, video = files
+    wrong = SparrowDraft(DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                     num_key_value_heads=2, vocab_size=_tiny.VOCAB), rngs=nnx.Rngs(0))
+    save_draft(wrong, d / "wrong_draft")
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--config", str(cfg), "--video", str(video), "--draft", str(d / "wrong_draft"),
+                     "--max-new-tokens", "2"])
+    assert "hidden size 32" in str(e.value)
+
+
+def test_help_exits_cleanly(capsys):
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--help"])
+    assert e.value.code == 0 and "--compare-ar" in capsys.readouterr().out
