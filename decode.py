@@ -52,6 +52,8 @@ def parse_args(argv=None):
     gen.add_argument("--tree", default="48-5-10", help="TOTAL-DEPTH-TOPK (depth = max draft tokens on a path), "
                      "or chainD; paper: Qwen2.5-VL 48-5-10, LLaVA-OV 30-4-8")
     gen.add_argument("--keep-fraction", type=float, default=0.25, help="pruned_visual: visual positions kept")
+    gen.add_argument("--prune-by", choices=["uniform", "attention"], default="uniform",
+                     help="pruned_visual: evenly spaced, or most attended by the last prompt token at layer m*")
     gen.add_argument("--compare-ar", action="store_true", help="also run AR; print DSR/ESR (runs are warmed up, "
                      "timed without streaming)")
     gen.add_argument("--no-stream", action="store_true", help="do not print tokens as they are committed")
@@ -195,7 +197,8 @@ def main(argv=None):
                               impl=args.attention, on_emit=on_emit)
         dgraph, dparams = nnx.split(draft)
         t0 = time.perf_counter()
-        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction)
+        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
+                      prune_by=args.prune_by)
         jax.block_until_ready((p.pre, p.dcache))
         t1 = time.perf_counter()
         res = jax.block_until_ready(E.speculative_generate(

@@ -30,7 +30,7 @@ def distill(target, draft, prompts, *, continuation=24, steps=60, lr=3e-3, seed=
     conts = ar_generate(target, prompts, max_new_tokens=continuation, eos_ids=())
     seqs = [_extend(p, c) for p, c in zip(prompts, conts)]
     batch = prepare_prefill_batch(seqs, target.cfg)
-    idx, dlen = draft_positions(seqs, "text_only", batch.input_ids_BT.shape[1])
+    idx, dlen, _ = draft_positions(seqs, "text_only", batch.input_ids_BT.shape[1])
     batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen)
     tgraph, tparams = nnx.split(target)
     pre = tg.prefill(tgraph, tparams, batch, capacity=batch.input_ids_BT.shape[1], m_star=1)

@@ -16,6 +16,8 @@ from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch
 MAX_NEW = 16
 TREES = ["chain5", "30-4-8", "48-5-10"]
 V = _tiny.SMALL_TEXT_VOCAB
+MODES = [("text_only", "uniform"), ("full_visual", "uniform"), ("pruned_visual", "uniform"),
+         ("pruned_visual", "attention")]
 
 
 def make_prompts(cfg, seed, n):
@@ -62,15 +64,15 @@ def test_greedy_lossless_all_modes_and_batch_sizes(small_target, random_draft, t
     draft = random_draft if which == "random" else trained_draft
     cfg = E.EngineConfig(tree=TreeSpec.parse(tree), max_new_tokens=MAX_NEW)
     cases, accepted = 0, []
-    for mode in E.VISUAL_MODES:
+    for mode, prune_by in MODES:
         for rows in ([0], [1], [2, 3, 4]):
-            toks, res = E.generate(small_target, draft, [prompts[r] for r in rows], cfg, mode=mode)
+            toks, res = E.generate(small_target, draft, [prompts[r] for r in rows], cfg, mode=mode, prune_by=prune_by)
             for r, t in zip(rows, toks):
                 assert_lossless(small_target, prompts[r], t, ar_reference[r])
                 cases += 1
             a = np.asarray(res.accepted_BR)
             accepted.extend(a[a > 0].tolist())
-    assert cases == 15
+    assert cases == 5 * len(MODES)
     tau = float(np.mean(accepted))
     if which == "trained" and tree != "chain5":
         assert tau > 1.5, f"trained draft should be accepted often (tau {tau:.2f}); the test would not exercise trees"
@@ -105,3 +107,20 @@ def test_whole_generation_is_one_compiled_call_without_recompiles(small_target, 
         assert int(res.rounds) > 1  # many rounds ran inside this single call
         sizes.append(E.speculative_generate._cache_size())
     assert sizes[-1] == sizes[0], f"recompiled within one padding bucket: cache sizes {sizes}"
+
+
+def test_attention_pruning_keeps_text_and_the_most_attended_visual_positions(small_target, random_draft, prompts):
+    cfg = E.EngineConfig(tree=TreeSpec.parse("chain5"), max_new_tokens=2)
+    p = E.prepare(small_target, random_draft, prompts[2:5], cfg, mode="pruned_visual", keep_fraction=0.5,
+                  prune_by="attention")
+    batch = p.batch
+    _, kvs, cap = tg.forward(small_target, batch, capture=(1,))
+    score = np.asarray(tg.last_token_attention(small_target, batch, cap[1], kvs[1][0], 1))
+    for b, prompt in enumerate(prompts[2:5]):
+        n = int(np.asarray(batch.draft_len_B)[b])
+        chosen = np.asarray(p.pre.draft_idx_BP)[b, :n].tolist()
+        types = prompt.mm_token_type_ids
+        text = np.nonzero(types == 0)[0]
+        vis = np.nonzero(types != 0)[0]
+        want_vis = vis[np.argsort(-score[b, vis], kind="stable")[: int(round(0.5 * len(vis)))]]
+        assert chosen == sorted(text.tolist() + want_vis.tolist())

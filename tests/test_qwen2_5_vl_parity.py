@@ -483,3 +483,26 @@ def test_bf16_checkpoint_fp32_load_matches_hf_upcast(bf16_ckpt):
     with torch.no_grad():
         ref = hf32(**hf_inputs(p)).logits[0].numpy()
     assert maxerr(np.asarray(logits)[0, :T], ref) <= TOL
+
+
+# ------------------------------------------------------------------ attention-score pruning signal
+
+
+def test_last_token_attention_matches_hf_attention_weights(zoo):
+    """pruned_visual's 'attention' rule ranks visual positions by the last prompt token's attention at
+    layer m*, head-averaged: equal to transformers' eager attention weights of that layer."""
+    case = "gqa2-image-video"
+    m = zoo(CASES[case][0])
+    p = build_prompt(CASES[case][1], seed=case_seed(case))
+    T = len(p.input_ids)
+    batch = prepare_prefill_batch([p], m.ours.cfg)
+    layer = 1
+    _, kvs, cap = tg.forward(m.ours, batch, capture=(layer,))
+    ours = np.asarray(tg.last_token_attention(m.ours, batch, cap[layer], kvs[layer][0], layer))[0, :T]
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf_eager = Qwen2_5_VLForConditionalGeneration.from_pretrained(m.path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = hf_eager(**hf_inputs(p), output_attentions=True)
+    ref = out.attentions[layer][0, :, T - 1, :].mean(0).numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-5)

@@ -68,13 +68,18 @@ class SpecResult:
 # ----------------------------------------------------------------------------------- host helpers
 
 
+PRUNE_RULES = ("uniform", "attention")
+
+
 def draft_positions(prompts, mode: str, T: int, keep_fraction: float = 0.25):
     """Positions forming the draft's sequence per row, right-padded: `text_only` (Sparrow VATA: text
     only, compacted), `full_visual` (every position), `pruned_visual` (text + an evenly spaced
-    `keep_fraction` of each visual block)."""
+    `keep_fraction` of the visual positions). Returns (idx_BP, len_B, keep_vis_B)."""
     if mode not in VISUAL_MODES:
         raise ValueError(f"visual mode {mode!r}: expected one of {VISUAL_MODES}")
-    rows = []
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    rows, keeps = [], []
     for p in prompts:
         types = np.asarray(p.mm_token_type_ids)
         if mode == "text_only":
@@ -84,16 +89,18 @@ def draft_positions(prompts, mode: str, T: int, keep_fraction: float = 0.25):
         else:
             keep = types == 0
             vis = np.nonzero(types != 0)[0]
-            if len(vis):
-                n_keep = max(1, int(round(keep_fraction * len(vis))))
+            n_keep = max(1, int(round(keep_fraction * len(vis)))) if len(vis) else 0
+            if n_keep:
                 keep[vis[np.linspace(0, len(vis) - 1, n_keep).round().astype(int)]] = True
+            keeps.append(n_keep)
         rows.append(np.nonzero(keep)[0])
     P = tg.bucket(max(len(r) for r in rows))
     idx = np.zeros((len(rows), P), np.int32)
     for b, r in enumerate(rows):
         idx[b, :len(r)] = r
     del T
-    return jnp.asarray(idx), jnp.asarray([len(r) for r in rows], jnp.int32)
+    keep_vis = jnp.asarray(keeps if keeps else [0] * len(rows), jnp.int32)
+    return jnp.asarray(idx), jnp.asarray([len(r) for r in rows], jnp.int32), keep_vis
 
 
 @partial(jax.jit, static_argnames=("dgraph", "capacity", "impl"))
@@ -269,15 +276,21 @@ class Prepared:
 
 
 def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only",
-            keep_fraction: float = 0.25, m_star: int | None = None, prepare_batch=None) -> Prepared:
-    """Host: build the padded batch for `mode`, run the target prefill and the draft prefill."""
+            keep_fraction: float = 0.25, prune_by: str = "uniform", m_star: int | None = None,
+            prepare_batch=None) -> Prepared:
+    """Host: build the padded batch for `mode`, run the target prefill and the draft prefill.
+    pruned_visual keeps `keep_fraction` of the visual positions, evenly spaced (`prune_by="uniform"`)
+    or the ones the last prompt token attends to most at layer m* (`"attention"`)."""
+    if prune_by not in PRUNE_RULES:
+        raise ValueError(f"prune_by {prune_by!r}: expected one of {PRUNE_RULES}")
     from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
 
     tcfg = target_model.cfg
     batch = (prepare_batch or prepare_prefill_batch)(prompts, tcfg)
     T = batch.input_ids_BT.shape[1]
-    idx, dlen = draft_positions(prompts, mode, T, keep_fraction)
-    batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen)
+    idx, dlen, keep_vis = draft_positions(prompts, mode, T, keep_fraction)
+    batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen, draft_keep_vis_B=keep_vis,
+                                draft_by_attention=mode == "pruned_visual" and prune_by == "attention")
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)
     slack = 2 * cfg.block + cfg.tree.total_tokens
@@ -289,9 +302,9 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
 
 
 def generate(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only", seed: int = 0,
-             keep_fraction: float = 0.25, prepare_batch=None):
+             keep_fraction: float = 0.25, prune_by: str = "uniform", prepare_batch=None):
     """prompts -> (list of token lists, SpecResult). Convenience for tests and scripts."""
-    p = prepare(target_model, draft_model, prompts, cfg, mode=mode, keep_fraction=keep_fraction,
+    p = prepare(target_model, draft_model, prompts, cfg, mode=mode, keep_fraction=keep_fraction, prune_by=prune_by,
                 prepare_batch=prepare_batch)
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)

@@ -45,6 +45,10 @@ class PrefillBatch:
     visual_dest: jax.Array | None = None  # [num visual tokens] flat index b*T + t
     draft_idx_BP: jax.Array | None = None  # positions forming the draft's sequence (visual mode), right-padded
     draft_len_B: jax.Array | None = None
+    # pruned_visual by attention: keep this many visual positions per row, chosen on device by the
+    # last prompt token's attention at layer m* (draft_idx_BP is then only a shape placeholder).
+    draft_keep_vis_B: jax.Array | None = None
+    draft_by_attention: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -58,6 +62,7 @@ class PrefillOutput:
     last_hidden_BD: jax.Array  # final-norm hidden at each row's last prompt position (h_{T-1})
     draft_e_BPD: jax.Array | None = None  # input embeddings at draft_idx (token or visual features)
     draft_hprev_BPD: jax.Array | None = None  # final-norm hidden at draft_idx - 1 (zero at position 0)
+    draft_idx_BP: jax.Array | None = None  # the positions actually used (chosen on device when pruning by attention)
 
 
 @jax.tree_util.register_dataclass
@@ -90,6 +95,43 @@ def _gather_rows(x_BTD, idx_BL):
     return jnp.take_along_axis(x_BTD, idx_BL[:, :, None], axis=1)
 
 
+def last_token_attention(model, batch: PrefillBatch, x_in_BTD, k_BTKE, layer: int):
+    """Attention of each row's last prompt token over the prompt at decoder layer `layer` (input
+    hidden x_in, roped keys k), averaged over heads: [B, T], zero past each row's length."""
+    blk = model.model.layers[layer]
+    B, T, _ = x_in_BTD.shape
+    last = (batch.lengths_B - 1)[:, None]
+    x = _gather_rows(x_in_BTD, last)
+    h = blk.input_layernorm(x) if blk.input_layernorm is not None else x
+    att = blk.self_attn
+    q = att.q_proj(h).reshape(B, 1, att.num_heads, att.head_dim)
+    pos = jnp.take_along_axis(batch.positions_3BT, last[None], axis=2)
+    cos, sin = model.rope(pos)
+    from sparrow_jax.models.layers import apply_rope  # noqa: PLC0415
+
+    q = apply_rope(q, cos, sin)[:, 0]  # [B, H, E]
+    K = k_BTKE.shape[2]
+    s = jnp.einsum("bkge,btke->bkgt", q.reshape(B, K, -1, att.head_dim), k_BTKE,
+                   preferred_element_type=jnp.float32) / jnp.sqrt(att.head_dim).astype(jnp.float32)
+    valid = jnp.arange(T)[None, None, None] < batch.lengths_B[:, None, None, None]
+    p = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
+    return p.mean(axis=(1, 2))
+
+
+def _attention_pruned_idx(batch: PrefillBatch, score_BT, P: int):
+    """Text positions plus each row's `draft_keep_vis_B` most-attended visual positions, in order."""
+    B, T = score_BT.shape
+    t = jnp.arange(T)[None]
+    valid = t < batch.lengths_B[:, None]
+    is_vis = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], batch.vis_idx_BM].set(
+        jnp.arange(batch.vis_idx_BM.shape[1])[None] < batch.vis_len_B[:, None])
+    vis_score = jnp.where(is_vis & valid, score_BT, -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-vis_score, axis=-1), axis=-1)
+    keep = (valid & ~is_vis) | (is_vis & valid & (rank < batch.draft_keep_vis_B[:, None]))
+    order = jnp.argsort(jnp.where(keep, t, T + t), axis=-1)[:, :P]
+    return order.astype(jnp.int32)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl"))
 def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla") -> PrefillOutput:
     """Run the target on the whole prompt (video included). `capacity` is the cache length S, which
@@ -98,6 +140,7 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
     B, T = batch.input_ids_BT.shape
     assert capacity >= T, (capacity, T)
     with_draft = batch.draft_idx_BP is not None
+    assert 0 < m_star < model.cfg.num_layers, f"m_star {m_star} must be inside the decoder stack"
     h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=(m_star, 0) if with_draft else (m_star,))
     cfg = model.cfg.text
     cache = KVCache.empty(len(kvs), B, capacity, cfg.num_key_value_heads, cfg.head_dim, h_BTD.dtype)
@@ -108,6 +151,9 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
     draft_e = draft_hprev = None
     if with_draft:
         idx = batch.draft_idx_BP
+        if batch.draft_by_attention:
+            score = last_token_attention(model, batch, captured[m_star], kvs[m_star][0], m_star)
+            idx = _attention_pruned_idx(batch, score, idx.shape[1])
         draft_e = _gather_rows(captured[0], idx)
         draft_hprev = jnp.where((idx > 0)[..., None], _gather_rows(h_BTD, jnp.maximum(idx - 1, 0)), 0)
     return PrefillOutput(
@@ -119,6 +165,7 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
         last_hidden_BD=last_BD,
         draft_e_BPD=draft_e,
         draft_hprev_BPD=draft_hprev,
+        draft_idx_BP=idx if with_draft else None,
     )
 
 
