@@ -85,10 +85,10 @@ def cache_capacity(prompt_len: int, max_new_tokens: int, block: int = 1) -> int:
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(), seed: int = 0,
              eos_ids=None, m_star: int | None = None, impl: str = "xla", prepare=None):
     """Convenience host wrapper: prompts -> list of generated token lists (EOS included)."""
-    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
+    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
     cfg = model.cfg
-    batch = (prepare or prepare_prefill_batch)(prompts, cfg)
+    batch = (prepare or prepare_batch_for(cfg))(prompts, cfg)
     graphdef, params = nnx.split(model)
     T = batch.input_ids_BT.shape[1]
     pre = tg.prefill(graphdef, params, batch, capacity=cache_capacity(T, max_new_tokens),

@@ -283,10 +283,10 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
     or the ones the last prompt token attends to most at layer m* (`"attention"`)."""
     if prune_by not in PRUNE_RULES:
         raise ValueError(f"prune_by {prune_by!r}: expected one of {PRUNE_RULES}")
-    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
+    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
     tcfg = target_model.cfg
-    batch = (prepare_batch or prepare_prefill_batch)(prompts, tcfg)
+    batch = (prepare_batch or prepare_batch_for(tcfg))(prompts, tcfg)
     T = batch.input_ids_BT.shape[1]
     idx, dlen, keep_vis = draft_positions(prompts, mode, T, keep_fraction)
     batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen, draft_keep_vis_B=keep_vis,

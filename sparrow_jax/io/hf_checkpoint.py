@@ -85,8 +85,9 @@ def _tensor_files(d: Path) -> dict[str, Path]:
     raise CheckpointError(f"{d}: no model.safetensors or model.safetensors.index.json")
 
 
-def read_tensors(d: Path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint as numpy (bf16 stays bf16 via ml_dtypes), keys normalized."""
+def read_tensors(d: Path, normalize=normalize_key) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint as numpy (bf16 stays bf16 via ml_dtypes), keys normalized by
+    `normalize` (the family's in-memory -> on-disk key map; Qwen2.5-VL's by default)."""
     files = _tensor_files(d)
     out, by_file = {}, {}
     for k, f in files.items():
@@ -95,7 +96,7 @@ def read_tensors(d: Path) -> dict[str, np.ndarray]:
         try:
             with safe_open(str(f), "flax") as fh:
                 for k in keys:
-                    out[normalize_key(k)] = np.asarray(fh.get_tensor(k))
+                    out[normalize(k)] = np.asarray(fh.get_tensor(k))
         except Exception as e:  # safetensors raises several types for truncated/corrupt files
             raise CheckpointError(f"{f}: cannot read safetensors ({type(e).__name__}: {e})") from None
     return out
@@ -162,3 +163,99 @@ def save_qwen2_5_vl(model: Qwen25VL, path, *, max_shard_bytes: int | None = None
     total = sum(t.nbytes for t in tensors.values())
     (d / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# ------------------------------------------------------------------------------- LLaVA-OneVision
+# Canonical (on-disk, what transformers 5.23 `save_pretrained` writes): `language_model.model.*`,
+# `language_model.lm_head.weight`, `vision_tower.*`, `multi_modal_projector.*`, `image_newline`.
+# Also accepted: transformers' in-memory names (`model.language_model.*`, `lm_head.weight`,
+# `model.vision_tower.*`, ...) and the hub layout with `vision_tower.vision_model.*`.
+_LLAVA_PREFIXES = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                   ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                   ("model.image_newline", "image_newline"))
+
+
+def normalize_llava_key(key: str) -> str:
+    for a, b in _LLAVA_PREFIXES:
+        if key.startswith(a):
+            key = b + key[len(a):]
+            break
+    if key.startswith("vision_tower.vision_model."):
+        key = "vision_tower." + key[len("vision_tower.vision_model."):]
+    return key
+
+
+def _llava_hf_name(path) -> str:
+    name = ".".join(str(p) for p in path)
+    if name.startswith("model."):
+        name = "language_model." + name
+    elif name.startswith("lm_head."):
+        name = "language_model." + name
+    stem, _, leaf = name.rpartition(".")
+    return f"{stem}.weight" if leaf in ("kernel", "embedding") else name
+
+
+def _llava_to_ours(hf_name: str, w: np.ndarray) -> np.ndarray:
+    if hf_name.endswith("patch_embedding.weight") and w.ndim == 4:  # Conv2d [D, C, p, p], stride = kernel
+        return w.reshape(w.shape[0], -1).T
+    if w.ndim == 2 and not hf_name.endswith(("embed_tokens.weight", "position_embedding.weight")):
+        return w.T  # torch Linear [out, in]
+    return w
+
+
+def _llava_to_hf(hf_name: str, w: np.ndarray, vcfg) -> np.ndarray:
+    if hf_name.endswith("patch_embedding.weight"):
+        return w.T.reshape(w.shape[1], vcfg.num_channels, vcfg.patch_size, vcfg.patch_size)
+    if w.ndim == 2 and not hf_name.endswith(("embed_tokens.weight", "position_embedding.weight")):
+        return w.T
+    return w
+
+
+def load_llava_onevision(path, *, dtype=jnp.float32):
+    """Build a LlavaOneVision from a HF directory (any of the key layouts above). With tied
+    embeddings `lm_head` may be absent (and is ignored if present); SigLIP's unused pooling head
+    (`vision_tower.head.*`, vision_use_head) is ignored."""
+    from sparrow_jax.models.llava_onevision import LlavaOneVision, LlavaOneVisionConfig  # noqa: PLC0415
+
+    d = Path(path)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
+    cfg = LlavaOneVisionConfig.from_dir(d)
+    tensors = read_tensors(d, normalize_llava_key)
+    model = nnx.eval_shape(lambda: LlavaOneVision(cfg, rngs=nnx.Rngs(0), dtype=dtype))
+    wanted = {_llava_hf_name(p): (p, v) for p, v in nnx.to_flat_state(nnx.state(model))}
+    if cfg.tie_word_embeddings:
+        tensors.pop("language_model.lm_head.weight", None)
+    for k in [k for k in tensors if k.startswith("vision_tower.head.")]:
+        tensors.pop(k)
+    missing = sorted(set(wanted) - set(tensors))
+    unexpected = sorted(set(tensors) - set(wanted))
+    if missing:
+        raise CheckpointError(f"{d}: missing weight key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{d}: unexpected weight key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    values = []
+    for name, (p, v) in wanted.items():
+        w = _llava_to_ours(name, tensors[name])
+        if tuple(w.shape) != tuple(v.shape):
+            raise CheckpointError(f"{d}: weight {name} has shape {tuple(tensors[name].shape)}, config.json implies "
+                                  f"{tuple(_llava_to_hf(name, np.zeros(v.shape), cfg.vision).shape)}")
+        values.append((p, v.replace(jnp.asarray(w, dtype=dtype))))
+    nnx.update(model, nnx.from_flat_state(values))
+    return model
+
+
+def save_llava_onevision(model, path) -> None:
+    """Write config.json + model.safetensors in the canonical on-disk layout (readable by
+    transformers' `from_pretrained`)."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    tensors = {}
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = _llava_hf_name(p)
+        tensors[name] = np.ascontiguousarray(_llava_to_hf(name, np.asarray(v[...]), cfg.vision))
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype)
+    (d / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})

@@ -118,7 +118,11 @@ class SparrowDraft(nnx.Module):
         """Returns the draft output states ĥ [B, T, D] (feed them to the target's LM head) and the
         new K/V per layer. `caches`: per-layer committed (k, v); `block_prefix`: per-layer K/V of
         uncommitted tree nodes placed before this block (visibility in `mask.block_mask_BTN`)."""
-        x = self.hsr_input(e_BTD, hprev_BTD)
+        return self.run_layers(self.hsr_input(e_BTD, hprev_BTD), positions_BT, mask, caches, impl, block_prefix)
+
+    def run_layers(self, x_BTD, positions_BT, mask, caches=None, impl="xla", block_prefix=None):
+        """The decoder layers on already-built inputs (training mixes HSR inputs with IVSB visual slots)."""
+        x = x_BTD
         cos, sin = rope_cos_sin_1d(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
         new_kv = []
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,214 @@
+"""Training data: samples, target features, the draft's training slots, shards and the grain pipeline.
+
+A *sample* is a multimodal prompt plus a response (token ids). Its *features* (what the draft learns
+from) are, for the L text positions of the full sequence: the token id, the target's final-norm hidden
+h_t (the draft's regression target; softmax(lm_head(h_t)) is its distribution target), h_{t-1} (the HSR
+input), whether token t+1 is an assistant token (loss mask); and, for the M visual positions, the
+target's hidden state after layer m* (IVSB bridge). `is_vis` [T] keeps the interleaving.
+
+Training *slots* are the draft's sequence: text slots in order, plus (IVSB on) visual slots at their
+places. Slot positions (1-D RoPE): a text slot takes its compacted text index — exactly the position it
+has at inference, where visual positions are cut out — and a visual slot takes the index of the text
+token before it (the <vision_start>), so text-to-text distances equal inference's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    prompt: object  # MultimodalPrompt-like: input_ids, mm_token_type_ids, visuals
+    response: tuple[int, ...]
+
+
+def sample_sequence(sample: Sample):
+    """Prompt + response as one sequence; returns (prompt-like object, assistant mask [T])."""
+    p = sample.prompt
+    resp = np.asarray(sample.response, np.int32)
+    fields = dict(input_ids=np.concatenate([np.asarray(p.input_ids, np.int32), resp]),
+                  mm_token_type_ids=np.concatenate([np.asarray(p.mm_token_type_ids, np.int32),
+                                                    np.zeros(len(resp), np.int32)]))
+    seq = dataclasses.replace(p, **fields) if dataclasses.is_dataclass(p) else type(p)(**{**vars(p), **fields})
+    assistant = np.concatenate([np.zeros(len(p.input_ids), bool), np.ones(len(resp), bool)])
+    return seq, assistant
+
+
+@dataclasses.dataclass
+class FeatureRecord:
+    text_ids: np.ndarray  # [L] int32
+    pred_mask: np.ndarray  # [L] bool: token after this text position is an assistant token
+    h: np.ndarray  # [L, D] final-norm hidden at the text positions
+    hprev: np.ndarray  # [L, D] final-norm hidden at the position before (0 at position 0)
+    vis: np.ndarray  # [M, D] hidden after layer m* at the visual positions
+    is_vis: np.ndarray  # [T] bool, the interleaving of text and visual positions
+
+    def to_arrays(self, prefix: str) -> dict:
+        return {f"{prefix}/{f.name}": np.ascontiguousarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict, prefix: str) -> "FeatureRecord":
+        return cls(**{f.name: arrays[f"{prefix}/{f.name}"] for f in dataclasses.fields(cls)})
+
+
+def text_layout(is_vis_T, assistant_T):
+    """Host: text positions, their predict mask (next token is assistant), visual positions."""
+    text_pos = np.nonzero(~is_vis_T)[0]
+    vis_pos = np.nonzero(is_vis_T)[0]
+    nxt = np.append(assistant_T[1:], False)
+    return text_pos, nxt[text_pos], vis_pos
+
+
+# --------------------------------------------------------------------------------------- slots
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainBatch:
+    """Fixed-shape draft-training batch (padded to the config's L, M; S = L + M with IVSB else L)."""
+
+    tok_BL: jax.Array
+    pred_BL: jax.Array  # float 0/1 loss weights
+    h_BLD: jax.Array
+    hprev_BLD: jax.Array
+    vis_BMD: jax.Array
+    slot_src_BS: jax.Array  # index into concat(text L, visual M) sources
+    slot_is_text_BS: jax.Array
+    slot_pos_BS: jax.Array
+    slot_len_B: jax.Array
+    text_slot_BL: jax.Array  # slot of each text token
+
+
+def slot_layout(is_vis_T, L: int, ivsb: bool):
+    """Host: slot arrays for one record (unpadded): src, is_text, pos, and each text token's slot."""
+    src, is_text, pos, text_slot = [], [], [], []
+    n_txt = n_vis = 0
+    for v in is_vis_T:
+        if v:
+            if ivsb:
+                src.append(L + n_vis)
+                is_text.append(False)
+                pos.append(max(n_txt - 1, 0))
+            n_vis += 1
+        else:
+            text_slot.append(len(src))
+            src.append(n_txt)
+            is_text.append(True)
+            pos.append(n_txt)
+            n_txt += 1
+    return np.asarray(src), np.asarray(is_text), np.asarray(pos), np.asarray(text_slot)
+
+
+def collate(records: list[FeatureRecord], *, L: int, M: int, ivsb: bool) -> TrainBatch:
+    """Pad records to fixed shapes (one compiled train step for every batch). Text beyond L or visual
+    beyond M is an error: raise the config's limits."""
+    B = len(records)
+    D = records[0].h.shape[1]
+    S = L + M if ivsb else L
+    out = dict(tok_BL=np.zeros((B, L), np.int32), pred_BL=np.zeros((B, L), np.float32),
+               h_BLD=np.zeros((B, L, D), np.float32), hprev_BLD=np.zeros((B, L, D), np.float32),
+               vis_BMD=np.zeros((B, M, D), np.float32), slot_src_BS=np.zeros((B, S), np.int32),
+               slot_is_text_BS=np.zeros((B, S), bool), slot_pos_BS=np.zeros((B, S), np.int32),
+               slot_len_B=np.zeros((B,), np.int32), text_slot_BL=np.zeros((B, L), np.int32))
+    for b, r in enumerate(records):
+        n, m = len(r.text_ids), len(r.vis)
+        if n > L or (ivsb and m > M):
+            raise ValueError(f"record {b}: {n} text / {m} visual positions exceed the configured max_text {L} / "
+                             f"max_visual {M}")
+        out["tok_BL"][b, :n] = r.text_ids
+        out["pred_BL"][b, :n] = r.pred_mask
+        out["h_BLD"][b, :n] = r.h
+        out["hprev_BLD"][b, :n] = r.hprev
+        if ivsb:
+            out["vis_BMD"][b, :m] = r.vis
+        src, is_text, pos, text_slot = slot_layout(r.is_vis, L, ivsb)
+        s = len(src)
+        out["slot_src_BS"][b, :s], out["slot_is_text_BS"][b, :s], out["slot_pos_BS"][b, :s] = src, is_text, pos
+        out["slot_len_B"][b] = s
+        out["text_slot_BL"][b, :n] = text_slot
+    return TrainBatch(**out)
+
+
+# -------------------------------------------------------------------------------------- shards
+
+INDEX = "index.json"
+
+
+def write_shard(out_dir: Path, shard_id: int, records: list[FeatureRecord], meta: dict) -> dict:
+    """One safetensors file per shard; the index is rewritten atomically after each shard, so an
+    interrupted extraction resumes after the last complete shard."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"features-{shard_id:05d}.safetensors"
+    arrays = {}
+    for i, r in enumerate(records):
+        rec = r.to_arrays(str(i))
+        rec[f"{i}/pred_mask"] = rec[f"{i}/pred_mask"].astype(np.uint8)
+        rec[f"{i}/is_vis"] = rec[f"{i}/is_vis"].astype(np.uint8)
+        arrays.update(rec)
+    tmp = out_dir / (name + ".tmp")
+    save_file(arrays, str(tmp))
+    os.replace(tmp, out_dir / name)
+    index = read_index(out_dir) or {"meta": meta, "shards": []}
+    index["shards"] = [s for s in index["shards"] if s["file"] != name] + [{"file": name, "records": len(records)}]
+    tmp_idx = out_dir / (INDEX + ".tmp")
+    tmp_idx.write_text(json.dumps(index, indent=1))
+    os.replace(tmp_idx, out_dir / INDEX)
+    return index
+
+
+def read_index(out_dir: Path) -> dict | None:
+    p = Path(out_dir) / INDEX
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+class ShardSource:
+    """Random access over all records of a feature directory (grain data source protocol)."""
+
+    def __init__(self, out_dir):
+        self.dir = Path(out_dir)
+        index = read_index(self.dir)
+        if index is None:
+            raise FileNotFoundError(f"{self.dir}: no {INDEX} (run feature extraction first)")
+        self.meta = index["meta"]
+        self._where = [(s["file"], i) for s in index["shards"] for i in range(s["records"])]
+        self._cache: dict[str, dict] = {}
+
+    def __len__(self):
+        return len(self._where)
+
+    def __getitem__(self, i: int) -> FeatureRecord:
+        f, j = self._where[i]
+        if f not in self._cache:
+            self._cache = {f: load_file(str(self.dir / f))}  # keep one shard in memory
+        r = FeatureRecord.from_arrays(self._cache[f], str(j))
+        return dataclasses.replace(r, pred_mask=r.pred_mask.astype(bool), is_vis=r.is_vis.astype(bool))
+
+
+# --------------------------------------------------------------------------------- grain pipeline
+
+
+def index_pipeline(num_records: int, global_batch: int, seed: int):
+    """Global batches of record indices, identical on every process (seeded shuffle, reshuffled each
+    epoch); each process then loads only its rows (`process_rows`), so the global batch does not depend
+    on the number of processes. Returns a grain iterator (get_state/set_state for exact resume)."""
+    import grain  # noqa: PLC0415
+
+    if num_records < global_batch:
+        raise ValueError(f"{num_records} records cannot fill a global batch of {global_batch}")
+    ds = grain.MapDataset.range(num_records).shuffle(seed=seed).repeat(None).batch(global_batch, drop_remainder=True)
+    return ds.to_iter_dataset().__iter__()
+
+
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    n = global_batch // process_count
+    return slice(process_index * n, (process_index + 1) * n)

@@ -1,0 +1,88 @@
+"""Draft training objective: IVSB slot sequence, MTP recursive passes, soft CE + SmoothL1.
+
+Pass 0 feeds the target's states: text slot t gets z_t = FC([RMSNorm(e_t); h_{t-1}]), a visual slot
+(IVSB on) gets the target's layer-m* state of that visual token, not through FC. Pass k >= 1 replaces
+h_{t-1} with the draft's own pass-(k-1) output at the previous slot, ĥ_{t-1} (shift by one), visual
+slots fixed: z_rec = h_vis^{m*} ⊕ FC([RMSNorm(e_txt); ĥ_txt]) — what the draft sees deeper in a tree.
+At every pass the output at text slot t is trained toward h_t (SmoothL1, weight v_w) and toward the
+target's next-token distribution softmax(lm_head(h_t)) (soft cross-entropy, weight p_w).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.training.data import TrainBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    ivsb: bool = True
+    mtp_steps: int = 2  # extra recursive passes K (0 = plain EAGLE-style training)
+    mtp_decay: float = 0.8  # pass k weight = decay**k
+    p_w: float = 0.1  # soft cross-entropy weight (EAGLE)
+    v_w: float = 1.0  # SmoothL1 on hidden states
+    noise_std: float = 0.0  # uniform noise on h_{t-1}; EAGLE uses 0.2 * 512 / seq_len
+
+    def pass_weights(self):
+        return [self.mtp_decay**k for k in range(self.mtp_steps + 1)]
+
+
+def _gather(x_BND, idx_BM):
+    return jnp.take_along_axis(x_BND, idx_BM[..., None], axis=1)
+
+
+def slot_inputs(draft, e_BLD, hprev_BLD, batch: TrainBatch):
+    """Draft inputs per slot: HSR z_t on text slots, the bridged layer-m* state on visual slots."""
+    z_BLD = draft.hsr_input(e_BLD, hprev_BLD)
+    sources = jnp.concatenate([z_BLD, batch.vis_BMD.astype(z_BLD.dtype)], axis=1)
+    return _gather(sources, batch.slot_src_BS)
+
+
+def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None):
+    """Outputs at the text slots for every pass: list of [B, L, D]."""
+    e = embed_fn(batch.tok_BL)
+    hprev = batch.hprev_BLD.astype(e.dtype)
+    if cfg.noise_std > 0 and noise_key is not None:
+        a = cfg.noise_std * jnp.sqrt(3.0)  # uniform(-a, a) has std noise_std
+        hprev = hprev + jax.random.uniform(noise_key, hprev.shape, hprev.dtype, -a, a)
+    mask = attn_lib.MaskSpec(kv_len_B=batch.slot_len_B, causal=True)
+    outs = []
+    for k in range(cfg.mtp_steps + 1):
+        x = slot_inputs(draft, e, hprev, batch)
+        y_BSD, _ = draft.run_layers(x, batch.slot_pos_BS, mask)
+        y_text = _gather(y_BSD, batch.text_slot_BL)
+        outs.append(y_text)
+        # Next pass: h_{t-1} <- ĥ at the previous slot (zero for the first slot).
+        prev_slot = jnp.maximum(batch.text_slot_BL - 1, 0)
+        hprev = jnp.where((batch.text_slot_BL > 0)[..., None], _gather(y_BSD, prev_slot), 0)
+    return outs
+
+
+def draft_loss(draft, embed_fn, head_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None):
+    """Scalar loss and metrics per pass (loss, soft CE, SmoothL1, top-1 agreement with the target)."""
+    outs = draft_passes(draft, embed_fn, batch, cfg, noise_key)
+    w = batch.pred_BL
+    denom = jnp.maximum(w.sum(), 1.0)
+    target_logits = head_fn(batch.h_BLD).astype(jnp.float32)
+    p = jax.nn.softmax(target_logits, -1)
+    target_top1 = jnp.argmax(target_logits, -1)
+    total, metrics = 0.0, {}
+    for k, (y, wk) in enumerate(zip(outs, cfg.pass_weights())):
+        logits = head_fn(y).astype(jnp.float32)
+        ce = -(p * jax.nn.log_softmax(logits, -1)).sum(-1)
+        l1 = optax.huber_loss(y.astype(jnp.float32), batch.h_BLD.astype(jnp.float32), delta=1.0).mean(-1)
+        ce_m, l1_m = (ce * w).sum() / denom, (l1 * w).sum() / denom
+        loss_k = cfg.p_w * ce_m + cfg.v_w * l1_m
+        total = total + wk * loss_k
+        metrics[f"pass{k}/loss"] = loss_k
+        metrics[f"pass{k}/ce"] = ce_m
+        metrics[f"pass{k}/smooth_l1"] = l1_m
+        metrics[f"pass{k}/top1"] = ((jnp.argmax(logits, -1) == target_top1) * w).sum() / denom
+    metrics["loss"] = total
+    return total, metrics

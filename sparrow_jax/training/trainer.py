@@ -1,0 +1,350 @@
+"""Sparrow draft trainer: optax AdamW (warm-up + cosine decay, clipping, accumulation), a (data, fsdp,
+tensor) mesh with logical-axis sharding, jit with NamedShardings, orbax checkpoints that restore
+parameters, optimizer, step, RNG and the data iterator exactly, JSON-lines + TensorBoard logs.
+
+Data: offline feature shards (`features` dir) or online (`online: true`: the frozen target runs inside
+the train step on raw samples; nothing is written). Multi-host: `jax.distributed.initialize` (see
+train.py); every process draws the same global batch of record indices and loads only its own rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparrow_jax.models.draft import DraftConfig, SparrowDraft
+from sparrow_jax.training import sharding as shd
+from sparrow_jax.training.data import ShardSource, TrainBatch, collate, index_pipeline, process_rows
+from sparrow_jax.training.features import OnlineBatch, fill_features, online_batch
+from sparrow_jax.training.losses import LossConfig, draft_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "runs/draft"
+    # target: a HF checkpoint dir, or a config.json for a random target (tests / smoke runs)
+    target: str | None = None
+    target_config: str | None = None
+    target_seed: int = 0
+    # data: offline feature dir, or online synthetic samples
+    features: str | None = None
+    online: bool = False
+    num_samples: int = 64  # online synthetic samples
+    data_seed: int = 0
+    # optimisation
+    steps: int = 100
+    global_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup: int = 10
+    final_lr_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    weight_decay: float = 0.0
+    clip: float = 0.5
+    compute_dtype: str = "float32"  # bfloat16: bf16 compute, fp32 master weights
+    # model / loss
+    draft_layers: int = 1
+    m_star: int | None = None
+    max_text: int = 128
+    max_visual: int = 256
+    ivsb: bool = True
+    mtp_steps: int = 2
+    mtp_decay: float = 0.8
+    p_w: float = 0.1
+    v_w: float = 1.0
+    noise_std: float = 0.0
+    # parallelism, checkpoints, logs
+    mesh: tuple[int, int, int] = (1, 1, 1)
+    seed: int = 0
+    save_every: int = 50
+    keep: int = 3
+    async_save: bool = True
+    log_every: int = 10
+    tensorboard: bool = True
+
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(ivsb=self.ivsb, mtp_steps=self.mtp_steps, mtp_decay=self.mtp_decay, p_w=self.p_w,
+                          v_w=self.v_w, noise_std=self.noise_std)
+
+    @classmethod
+    def from_file_and_overrides(cls, path: str | None, overrides: list[str]) -> "TrainConfig":
+        """JSON (or YAML) config file, then `key=value` overrides (values parsed as JSON when possible)."""
+        d = {}
+        if path:
+            text = Path(path).read_text()
+            if path.endswith((".yaml", ".yml")):
+                import yaml  # noqa: PLC0415
+
+                d = yaml.safe_load(text) or {}
+            else:
+                d = json.loads(text)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for o in overrides:
+            if "=" not in o:
+                raise ValueError(f"override {o!r}: expected key=value")
+            k, v = o.split("=", 1)
+            try:
+                d[k] = json.loads(v)
+            except json.JSONDecodeError:
+                d[k] = v
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known: {sorted(fields)}")
+        if "mesh" in d:
+            d["mesh"] = tuple(d["mesh"])
+        return cls(**d)
+
+
+def load_target(cfg: TrainConfig):
+    if cfg.target:
+        from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl  # noqa: PLC0415
+
+        return load_qwen2_5_vl(cfg.target)
+    from sparrow_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig  # noqa: PLC0415
+
+    path = cfg.target_config or str(Path(__file__).resolve().parents[2] / "configs" / "tiny.json")
+    tcfg = Qwen25VLConfig.from_hf_dict(json.loads(Path(path).read_text()), source=path)
+    return Qwen25VL(tcfg, rngs=nnx.Rngs(cfg.target_seed))
+
+
+def make_optimizer(cfg: TrainConfig):
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup, 1), max(cfg.steps, cfg.warmup + 1),
+                                               end_value=cfg.lr * cfg.final_lr_fraction)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip),
+                       optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+
+
+def _rows(batch, i, n):
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * n, n, 0), batch)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, samples=None, log=print):
+        self.cfg, self.log = cfg, log
+        self.mesh = shd.make_mesh(cfg.mesh)
+        self.target = load_target(cfg)
+        tcfg = self.target.cfg
+        self.m_star = cfg.m_star or tcfg.num_layers // 2
+        draft = SparrowDraft(DraftConfig.for_target(tcfg, num_layers=cfg.draft_layers), rngs=nnx.Rngs(cfg.seed))
+        self.dgraph, dparams = nnx.split(draft, nnx.Param)
+        self.tgraph, tparams = nnx.split(self.target)
+        self.optimizer = make_optimizer(cfg)
+        with jax.set_mesh(self.mesh):
+            self.p_shard = shd.state_shardings(dparams, self.mesh)
+            self.t_shard = shd.state_shardings(tparams, self.mesh)
+            self.params = jax.device_put(dparams, self.p_shard)
+            self.tparams = jax.device_put(tparams, self.t_shard)
+            opt_state = self.optimizer.init(self.params)
+            self.o_shard = jax.tree.map(lambda x: x.sharding, opt_state)
+            self.opt_state = opt_state
+        self.rng = jax.random.key(cfg.seed)
+        self.step = 0
+        # Data.
+        if cfg.online:
+            if samples is None:
+                raise ValueError("online training needs samples")
+            self.samples = samples
+            n_records = len(samples)
+        else:
+            if cfg.features is None:
+                raise ValueError("set `features` (offline shards) or `online: true`")
+            self.source = ShardSource(cfg.features)
+            n_records = len(self.source)
+        self.data_iter = index_pipeline(n_records, cfg.global_batch, cfg.data_seed)
+        self._step_fn = self._build_step()
+        self._ckpt = None
+
+    # ------------------------------------------------------------------------------- the step
+
+    def _build_step(self):
+        cfg, lcfg = self.cfg, self.cfg.loss
+        dgraph, tgraph, optimizer, m_star = self.dgraph, self.tgraph, self.optimizer, self.m_star
+        compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+        A = cfg.grad_accum
+        if cfg.global_batch % A:
+            raise ValueError(f"global_batch {cfg.global_batch} not divisible by grad_accum {A}")
+        mb = cfg.global_batch // A
+
+        def micro_loss(dparams, tparams, batch: TrainBatch, key):
+            target = nnx.merge(tgraph, jax.tree.map(lambda x: x.astype(compute), tparams))
+            draft = nnx.merge(dgraph, jax.tree.map(lambda x: x.astype(compute), dparams))
+            return draft_loss(draft, target.embed, target.logits, batch, lcfg, key)
+
+        def step(dparams, opt_state, tparams, rng, batch):
+            if isinstance(batch, OnlineBatch):
+                batch = fill_features(nnx.merge(tgraph, tparams), batch, m_star)
+            rng, key = jax.random.split(rng)
+            keys = jax.random.split(key, A)
+            grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+            def acc(carry, i):
+                g_sum, m_sum = carry
+                (_, metrics), g = grad_fn(dparams, tparams, _rows(batch, i, mb), keys[i])
+                return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, metrics)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, dparams)
+            _, m0 = jax.eval_shape(lambda: grad_fn(dparams, tparams, _rows(batch, 0, mb), keys[0]))[0]
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+            (g, m), _ = jax.lax.scan(acc, (zeros_g, zeros_m), jnp.arange(A))
+            g = jax.tree.map(lambda x: x / A, g)
+            m = jax.tree.map(lambda x: x / A, m)
+            updates, opt_state = optimizer.update(g, opt_state, dparams)
+            dparams = optax.apply_updates(dparams, updates)
+            m["grad_norm"] = optax.tree.norm(g)
+            return dparams, opt_state, rng, m
+
+        return jax.jit(step, donate_argnums=(0, 1),
+                       out_shardings=(self.p_shard, self.o_shard, shd.replicated(self.mesh), shd.replicated(self.mesh)))
+
+    # ------------------------------------------------------------------------------------ data
+
+    def next_batch(self):
+        idx = np.asarray(next(self.data_iter))
+        cfg = self.cfg
+        if cfg.online:
+            # Online: every process builds the whole global batch (the target needs its pixels).
+            ob = online_batch([self.samples[i] for i in idx], self.target.cfg, L=cfg.max_text, M=cfg.max_visual,
+                              ivsb=cfg.ivsb)
+            with jax.set_mesh(self.mesh):
+                train = jax.tree.map(lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim)), ob.train)
+                prefill = jax.device_put(ob.prefill, shd.replicated(self.mesh))
+            return OnlineBatch(prefill, train)
+        rows = idx[process_rows(cfg.global_batch, jax.process_index(), jax.process_count())]
+        local = collate([self.source[int(i)] for i in rows], L=cfg.max_text, M=cfg.max_visual, ivsb=cfg.ivsb)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, x.ndim), x), local)
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def checkpoint_manager(self):
+        if self._ckpt is None:
+            import orbax.checkpoint as ocp  # noqa: PLC0415
+
+            opts = ocp.CheckpointManagerOptions(
+                preservation_policy=ocp.checkpoint_managers.LatestN(n=self.cfg.keep),
+                enable_async_checkpointing=self.cfg.async_save, create=True)
+            self._ckpt = ocp.CheckpointManager(Path(self.cfg.out_dir).resolve() / "checkpoints", options=opts)
+        return self._ckpt
+
+    def _state(self):
+        return {"params": self.params, "opt": self.opt_state, "rng": jax.random.key_data(self.rng)}
+
+    def save(self, force=False):
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        mngr = self.checkpoint_manager()
+        mngr.save(self.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self._state()),
+            data=ocp.args.JsonSave(self.data_iter.get_state()),
+            meta=ocp.args.JsonSave({"step": self.step, "config": dataclasses.asdict(self.cfg)})), force=force)
+        # Fault-injection hook for the resume tests: die while this (async) save is still being written.
+        if os.environ.get("SPARROW_KILL_DURING_SAVE") == str(self.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def restore_latest(self) -> bool:
+        """Resume from the newest *finalized* checkpoint (orbax only lists committed ones, so a save
+        interrupted mid-write is never loaded)."""
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        mngr = self.checkpoint_manager()
+        step = mngr.latest_step()
+        if step is None:
+            return False
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state())
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        self.params, self.opt_state = out.state["params"], out.state["opt"]
+        self.rng = jax.random.wrap_key_data(out.state["rng"])
+        self.data_iter.set_state(out.data)
+        self.step = int(out.meta["step"])
+        return True
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def run(self, steps: int | None = None, *, resume: bool = True, progress: bool = True):
+        from tqdm import tqdm  # noqa: PLC0415
+
+        cfg = self.cfg
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if resume and self.restore_latest():
+            self.log(f"[train] resumed at step {self.step}")
+        end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
+        writer = self._tb_writer(out) if cfg.tensorboard and jax.process_index() == 0 else None
+        history = []
+        bar = tqdm(total=end, initial=self.step, desc="train", disable=not progress or jax.process_index() != 0)
+        with jax.set_mesh(self.mesh):
+            while self.step < end:
+                t0 = time.perf_counter()
+                batch = self.next_batch()
+                self.params, self.opt_state, self.rng, metrics = self._step_fn(
+                    self.params, self.opt_state, self.tparams, self.rng, batch)
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    m.update(step=self.step, step_s=time.perf_counter() - t0)
+                    history.append(m)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", top1=f"{m['pass0/top1']:.3f}")
+                    if jax.process_index() == 0:
+                        with open(out / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(m) + "\n")
+                        if writer is not None:
+                            for k, v in m.items():
+                                writer.scalar(k, v, self.step)
+                if self.step % cfg.save_every == 0 or self.step == end:
+                    self.save(force=self.step == end)
+        bar.close()
+        self.checkpoint_manager().wait_until_finished()
+        return history
+
+    def _tb_writer(self, out: Path):
+        try:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+        except ImportError:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+            except Exception:  # noqa: BLE001 — TensorBoard is optional
+                return None
+        w = SummaryWriter(str(out / "tensorboard"))
+
+        class _W:
+            def scalar(self, k, v, step):
+                w.add_scalar(k, v, step)
+
+        return _W()
+
+    # ------------------------------------------------------------------------------- outputs
+
+    def draft(self) -> SparrowDraft:
+        return nnx.merge(self.dgraph, jax.device_get(self.params))
+
+    def evaluate(self, records) -> dict:
+        """Loss/top-1 per pass on held-out feature records (no update)."""
+        cfg = self.cfg
+        batch = collate(records, L=cfg.max_text, M=cfg.max_visual, ivsb=cfg.ivsb)
+        target = nnx.merge(self.tgraph, jax.device_get(self.tparams))
+        _, m = draft_loss(self.draft(), target.embed, target.logits, jax.tree.map(jnp.asarray, batch), cfg.loss)
+        return {k: float(v) for k, v in m.items()}
+
+
+@partial(jax.jit, static_argnames=("dgraph", "tgraph", "lcfg"))
+def loss_on_batch(dgraph, dparams, tgraph, tparams, batch, lcfg: LossConfig):
+    """The training loss of one batch (offline TrainBatch or OnlineBatch), no update."""
+    target = nnx.merge(tgraph, tparams)
+    if isinstance(batch, OnlineBatch):
+        raise TypeError("fill features first")
+    return draft_loss(nnx.merge(dgraph, dparams), target.embed, target.logits, batch, lcfg)

@@ -1,0 +1,82 @@
+"""Train a Sparrow draft (IVSB + MTP) against a frozen target.
+
+  python train.py --config run.json --set steps=200 --set mesh=[1,2,2]
+  python train.py --set online=true --set target_config=configs/tiny.json --set steps=50
+  python train.py --extract-features feats/ --num-samples 256        # offline features, then:
+  python train.py --set features=feats/ --set steps=500
+
+Config keys are the fields of `sparrow_jax.training.trainer.TrainConfig` (a JSON/YAML file, then
+`--set key=value` overrides). Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I
+(or rely on the cluster's auto-detection with --distributed). Until the tiny video world ships, samples
+are synthetic (procedural videos, random text) — see sparrow_jax/synthetic/samples.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="JSON/YAML file with TrainConfig fields")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    ap.add_argument("--extract-features", metavar="DIR", help="write offline feature shards to DIR and exit")
+    ap.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: config num_samples)")
+    ap.add_argument("--regenerate", type=int, default=None, help="extraction: responses = target's greedy answer")
+    ap.add_argument("--export", metavar="DIR", help="after training, save the draft (ours in DIR, EAGLE in DIR-eagle)")
+    ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
+    ap.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process)")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax  # noqa: PLC0415
+
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+    from sparrow_jax.synthetic.samples import synthetic_samples  # noqa: PLC0415
+    from sparrow_jax.training.features import extract_features  # noqa: PLC0415
+    from sparrow_jax.training.trainer import Trainer, TrainConfig, load_target  # noqa: PLC0415
+
+    try:
+        cfg = TrainConfig.from_file_and_overrides(args.config, args.set)
+    except (ValueError, OSError) as e:
+        sys.exit(f"train.py: error: {e}")
+    n = args.num_samples or cfg.num_samples
+    if args.extract_features:
+        target = load_target(cfg)
+        samples = synthetic_samples(target.cfg, n, seed=cfg.data_seed)
+        index = extract_features(target, samples, args.extract_features, m_star=cfg.m_star or target.cfg.num_layers // 2,
+                                 regenerate=args.regenerate, progress=not args.no_progress)
+        print(f"[train] {sum(s['records'] for s in index['shards'])} records in {len(index['shards'])} shards "
+              f"-> {args.extract_features}")
+        return
+    samples = None
+    if cfg.online:
+        samples = synthetic_samples(load_target(cfg).cfg, n, seed=cfg.data_seed)
+    trainer = Trainer(cfg, samples=samples)
+    history = trainer.run(progress=not args.no_progress)
+    if history and jax.process_index() == 0:
+        print(f"[train] step {trainer.step}: " + json.dumps({k: round(v, 5) for k, v in history[-1].items()}))
+    if args.export and jax.process_index() == 0:
+        from sparrow_jax.io.draft_checkpoint import export_eagle, save_draft  # noqa: PLC0415
+
+        draft = trainer.draft()
+        save_draft(draft, args.export)
+        export_eagle(draft, args.export.rstrip("/") + "-eagle")
+        print(f"[train] draft saved to {args.export} (ours) and {args.export.rstrip('/')}-eagle (EAGLE format)")
+
+
+if __name__ == "__main__":
+    main()
