@@ -283,6 +283,8 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
     or the ones the last prompt token attends to most at layer m* (`"attention"`)."""
     if prune_by not in PRUNE_RULES:
         raise ValueError(f"prune_by {prune_by!r}: expected one of {PRUNE_RULES}")
+    if cfg.tree.top_k > target_model.cfg.text.vocab_size:
+        raise ValueError(f"tree {cfg.tree}: top_k {cfg.tree.top_k} exceeds the vocabulary ({target_model.cfg.text.vocab_size})")
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
     tcfg = target_model.cfg
