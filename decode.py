@@ -1,4 +1,4 @@
-"""Generate answers about videos/images with a Qwen2.5-VL target (JAX).
+"""Generate answers about videos/images with a Qwen2.5-VL or LLaVA-OneVision target (JAX).
 
 With no arguments it runs the project's small default: a random-initialised target of the shipped
 tiny architecture (configs/tiny.json) on a procedurally generated video — a smoke run of the whole
@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_argument_group("model")
-    src.add_argument("--target", help="HF Qwen2.5-VL checkpoint directory (config.json + safetensors)")
+    src.add_argument("--target", help="HF checkpoint directory (config.json + safetensors); the family "
+                     "(qwen2_5_vl, llava_onevision) is read from config.json's model_type")
     src.add_argument("--config", default=str(ROOT / "configs" / "tiny.json"),
                      help="architecture for a random-initialised target when --target is not given")
     src.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     inp.add_argument("--image", action="append", default=[], help="image file; repeatable")
     inp.add_argument("--fps", type=float, default=2.0, help="video sampling rate (frames per second)")
     inp.add_argument("--max-frames", type=int, default=768)
+    inp.add_argument("--num-frames", type=int, default=32,
+                     help="LLaVA-OneVision: frames sampled uniformly per video")
     inp.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel budget (Qwen resize rule)")
     inp.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor (Qwen resize rule)")
     gen = ap.add_argument_group("generation")
@@ -67,6 +70,22 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def build_llava_prompts(args, cfg, codec, prompts_text, videos):
+    """LLaVA-OneVision rows: chat prefix, one visual (anyres image or uniformly sampled video), question."""
+    from sparrow_jax.io.llava_inputs import build_prompt, preprocess_image, preprocess_video  # noqa: PLC0415
+    from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX  # noqa: PLC0415
+
+    visuals = ([preprocess_video(v, cfg, num_frames=args.num_frames) for v in videos] +
+               [preprocess_image(i, cfg) for i in args.image])
+    if len(visuals) > len(prompts_text):
+        prompts_text += [prompts_text[-1]] * (len(visuals) - len(prompts_text))
+    out = []
+    for i, text in enumerate(prompts_text):
+        segs = [codec.encode(QWEN_USER_PREFIX)] + ([visuals[i]] if i < len(visuals) else [])
+        out.append(build_prompt(segs + [codec.encode("\n" + text + QWEN_ASSISTANT_PREFIX)], cfg))
+    return prompts_text, out
+
+
 def build_prompts(args, cfg, codec, workdir):
     from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import (  # noqa: PLC0415
@@ -79,6 +98,9 @@ def build_prompts(args, cfg, codec, workdir):
         path, scene = demo_video(Path(workdir) / "demo.mp4", seed=args.seed)
         print(f"[decode] no inputs given: generated {path.name} with {len(scene)} moving object(s)")
         videos = [str(path)]
+    if cfg.family == "llava_onevision":
+        return build_llava_prompts(args, cfg, codec, prompts_text, videos)
+
     def bounds(base):
         kw = {}
         if args.max_pixels:
@@ -135,12 +157,13 @@ def main(argv=None):
     from sparrow_jax.decoding.sampling import SamplingParams  # noqa: PLC0415
     from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
     from sparrow_jax.io.draft_checkpoint import import_eagle  # noqa: PLC0415
-    from sparrow_jax.io.hf_checkpoint import CheckpointError, load_qwen2_5_vl  # noqa: PLC0415
+    from sparrow_jax.io.hf_checkpoint import CheckpointError  # noqa: PLC0415
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import VisionInputError  # noqa: PLC0415
     from sparrow_jax.models import target as tg  # noqa: PLC0415
     from sparrow_jax.models.draft import DraftConfig, DraftConfigError, SparrowDraft  # noqa: PLC0415
-    from sparrow_jax.models.qwen2_5_vl import ConfigError, Qwen25VL, Qwen25VLConfig, prepare_prefill_batch  # noqa: PLC0415
+    from sparrow_jax.models import registry  # noqa: PLC0415
+    from sparrow_jax.models.qwen2_5_vl import ConfigError  # noqa: PLC0415
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     visual_mode = {"sparrow": "text_only", "full_visual": "full_visual", "pruned_visual": "pruned_visual"}.get(args.mode)
@@ -148,11 +171,11 @@ def main(argv=None):
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
         tree = TreeSpec.parse(args.tree)
         if args.target:
-            model = load_qwen2_5_vl(args.target, dtype=dtype)
+            model = registry.load_target(args.target, dtype=dtype)
             source = args.target
         else:
-            cfg = Qwen25VLConfig.from_hf_dict(json.loads(Path(args.config).read_text()), source=args.config)
-            model = Qwen25VL(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
+            cfg = registry.config_from_dict(*registry.read_config_dict(args.config))
+            model = registry.build_target(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
             source = f"random init of {args.config} (no trained weights shipped yet)"
         cfg = model.cfg
         draft, draft_source = None, None
@@ -180,7 +203,7 @@ def main(argv=None):
 
     def run_ar(on_emit=None):
         t0 = time.perf_counter()
-        batch = prepare_prefill_batch(prompts, cfg)
+        batch = registry.prepare_batch_for(cfg)(prompts, cfg)
         T = batch.input_ids_BT.shape[1]
         pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, args.max_new_tokens),
                                                m_star=cfg.num_layers // 2, impl=args.attention))

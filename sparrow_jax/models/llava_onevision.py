@@ -17,7 +17,7 @@ What transformers 5.23 (`modeling_llava_onevision.py`) does, and we reproduce:
 
 All of these are linear maps of the projected features, fixed by host-known sizes. The host builds
 them once per batch as a 4-tap gather (`LlavaVisionLayout`): output token m = sum_k w[m, k] *
-table[idx[m, k]], the table being the projected tile features followed by `image_newline`.
+table[idx[m, k]], the table being `image_newline` followed by the projected tile features.
 
 Module attribute names mirror the HF checkpoint keys (see `sparrow_jax.io.hf_checkpoint`).
 """
@@ -67,7 +67,7 @@ class SiglipVisionConfig:
 
     @property
     def grid(self) -> int:
-        """G: patches per tile side."""
+        """G: patches per tile side (the conv is 'valid': 384 px / 14 -> 27, the last 6 px unused)."""
         return self.image_size // self.patch_size
 
     @property
@@ -100,8 +100,8 @@ class LlavaOneVisionConfig:
         if v.hidden_size % v.num_attention_heads:
             raise ConfigError(f"vision config: hidden_size {v.hidden_size} not divisible by "
                               f"num_attention_heads {v.num_attention_heads}")
-        if v.image_size % v.patch_size:
-            raise ConfigError(f"vision config: image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if v.grid < 1:
+            raise ConfigError(f"vision config: image_size {v.image_size} smaller than patch_size {v.patch_size}")
         if not re.fullmatch(r"anyres_max_\d+", self.vision_aspect_ratio):
             raise ConfigError(f"vision_aspect_ratio {self.vision_aspect_ratio!r}: expected 'anyres_max_<N>'")
         S = v.image_size
@@ -345,13 +345,12 @@ def _identity_taps(ids):
     return idx, w
 
 
-def visual_taps(kind: str, cfg: LlavaOneVisionConfig, tile0: int, newline: int, *, image_hw=None,
+def visual_taps(kind: str, cfg: LlavaOneVisionConfig, base: int, newline: int, *, image_hw=None,
                 num_frames: int = 0, anyres: bool = True):
     """(idx [m, 4], w [m, 4]) producing one visual's m LM tokens from the feature table, whose rows
-    tile0 * G^2 ... hold this visual's tile features (tile-major, then patch row-major) and row
+    base, base + 1, ... hold this visual's tile features (tile-major, then patch row-major) and row
     `newline` holds image_newline."""
     G = cfg.vision.grid
-    base = tile0 * G * G
     nl = _identity_taps([newline])
     if kind == "video":
         P = -(-G // 2)
@@ -378,7 +377,8 @@ def visual_taps(kind: str, cfg: LlavaOneVisionConfig, tile0: int, newline: int, 
 @dataclasses.dataclass(frozen=True)
 class LlavaVisionLayout:
     """How the batch's visual tokens are made from the tile features: token m = sum_k src_w[m, k] *
-    table[src_idx[m, k]], table = [projected features of all tiles (tile-major) ; image_newline]."""
+    table[src_idx[m, k]], table = [image_newline ; projected features of all tiles (tile-major,
+    patch row-major)] (the newline first, so padding tiles at the end change no index)."""
 
     src_idx: jax.Array  # [M, 4] int32
     src_w: jax.Array  # [M, 4] float32
@@ -407,16 +407,14 @@ def _visual_info(v, cfg: LlavaOneVisionConfig):
 
 def vision_layout(visuals, cfg: LlavaOneVisionConfig) -> tuple[LlavaVisionLayout, list[int]]:
     """The 4-tap layout for visuals in batch order, and each visual's token count."""
-    n_tiles = [np.asarray(v.pixel_values).shape[0] for v in visuals]
-    newline = sum(n_tiles) * cfg.vision.grid ** 2
     idx, w, counts, tile0 = [], [], [], 0
-    for v, n in zip(visuals, n_tiles):
+    for v in visuals:
         kind, kw = _visual_info(v, cfg)
-        i, ww = visual_taps(kind, cfg, tile0, newline, **kw)
+        i, ww = visual_taps(kind, cfg, 1 + tile0 * cfg.vision.grid**2, 0, **kw)
         idx.append(i)
         w.append(ww)
         counts.append(len(i))
-        tile0 += n
+        tile0 += np.asarray(v.pixel_values).shape[0]
     return LlavaVisionLayout(jnp.asarray(np.concatenate(idx), jnp.int32), jnp.asarray(np.concatenate(w))), counts
 
 
@@ -491,7 +489,7 @@ class SiglipEmbeddings(nnx.Module):
     def __call__(self, pixels_NCHW):
         c = self.cfg
         N, G, p = pixels_NCHW.shape[0], c.grid, c.patch_size
-        x = pixels_NCHW.reshape(N, c.num_channels, G, p, G, p).transpose(0, 2, 4, 1, 3, 5)
+        x = pixels_NCHW[:, :, :G * p, :G * p].reshape(N, c.num_channels, G, p, G, p).transpose(0, 2, 4, 1, 3, 5)
         x = x.reshape(N, G * G, c.patch_dim).astype(self.patch_embedding.kernel.dtype)
         return self.patch_embedding(x) + self.position_embedding.embedding[...][None]
 
@@ -570,7 +568,7 @@ class LlavaOneVision(nnx.Module):
         """All tiles of the batch [N, C, S, S] -> the visual LM tokens [M, D] in batch order."""
         feats = self.tile_features(pixels_NCHW, impl)
         D = feats.shape[-1]
-        table = jnp.concatenate([feats.reshape(-1, D), self.image_newline[...][None].astype(feats.dtype)])
+        table = jnp.concatenate([self.image_newline[...][None].astype(feats.dtype), feats.reshape(-1, D)])
         out = jnp.einsum("mk,mkd->md", layout.src_w, table[layout.src_idx], preferred_element_type=jnp.float32)
         return out.astype(feats.dtype)
 
@@ -578,10 +576,14 @@ class LlavaOneVision(nnx.Module):
 # --------------------------------------------------------------------------------- batch building
 
 
+TILE_BUCKET = 8  # the batch's SigLIP tiles are zero-padded to a multiple of this (one compile per bucket)
+
+
 def prepare_prefill_batch(prompts, cfg: LlavaOneVisionConfig, *, seq_bucket: int | None = None, dtype=np.float32):
     """Host-side: B prompts (objects with input_ids, mm_token_type_ids (0 text, 1 image, 2 video) and
     visuals in prompt order — see `sparrow_jax.io.llava_inputs`) -> a right-padded `PrefillBatch`.
-    Positions are 0..T-1 in all three streams (1-D RoPE), rope delta 0."""
+    Positions are 0..T-1 in all three streams (1-D RoPE), rope delta 0. Tiles are padded to
+    `TILE_BUCKET`, visual tokens to `SEQ_BUCKET` (padded tokens are written nowhere)."""
     from sparrow_jax.models.target import PrefillBatch, bucket  # noqa: PLC0415
 
     B = len(prompts)
@@ -607,11 +609,16 @@ def prepare_prefill_batch(prompts, cfg: LlavaOneVisionConfig, *, seq_bucket: int
         dest.append(b * T + vis)
         row_visuals = list(p.visuals)
         _, counts = vision_layout(row_visuals, cfg) if row_visuals else (None, [])
-        # each visual's run of placeholders must have its kind and length, in order
-        runs = [(int(types[g[0]]), len(g)) for g in np.split(vis, np.nonzero(np.diff(vis) != 1)[0] + 1) if len(g)]
-        want = [(1 if v.kind == "image" else 2, c) for v, c in zip(row_visuals, counts)]
-        if sum(c for _, c in runs) != sum(c for _, c in want) or not _runs_match(runs, want):
-            raise ValueError(f"prompt {b}: placeholder runs {runs} (type, length) do not match its visuals {want}")
+        if sum(counts) != len(vis):
+            raise ValueError(f"prompt {b}: {len(vis)} image/video placeholders but its visuals give {sum(counts)} "
+                             f"tokens {counts}")
+        start = 0  # each visual takes the next `count` placeholders: contiguous and of its kind
+        for i, (v, c) in enumerate(zip(row_visuals, counts)):
+            pos_i = vis[start:start + c]
+            if pos_i[-1] - pos_i[0] != c - 1 or np.any(types[pos_i] != (1 if v.kind == "image" else 2)):
+                raise ValueError(f"prompt {b}: visual {i} ({v.kind}, {c} tokens) does not match a contiguous run of "
+                                 f"its placeholders")
+            start += c
         visuals.extend(row_visuals)
 
     def pad_rows(rows):
@@ -625,23 +632,22 @@ def prepare_prefill_batch(prompts, cfg: LlavaOneVisionConfig, *, seq_bucket: int
     vis_idx_BM, vis_len = pad_rows(vis_idx)
     pos = np.broadcast_to(np.arange(T, dtype=np.int32)[None, None], (3, B, T))
     has_vis = bool(visuals)
+    if has_vis:  # pad tiles and visual tokens to buckets: fewer executables across batches
+        tiles = np.concatenate([np.asarray(v.pixel_values) for v in visuals]).astype(dtype)
+        tiles = np.concatenate([tiles, np.zeros((-len(tiles) % TILE_BUCKET,) + tiles.shape[1:], dtype)])
+        layout = vision_layout(visuals, cfg)[0]
+        dest = np.concatenate(dest)
+        M = bucket(len(dest))
+        # padded tokens: weight 0, destination b*T + t out of range -> dropped by the scatter
+        dest = np.concatenate([dest, np.full(M - len(dest), B * T)])
+        layout = LlavaVisionLayout(jnp.pad(layout.src_idx, ((0, M - len(layout.src_idx)), (0, 0))),
+                                   jnp.pad(layout.src_w, ((0, M - len(layout.src_w)), (0, 0))))
     return PrefillBatch(
         input_ids_BT=jnp.asarray(ids), lengths_B=jnp.asarray(lens, jnp.int32), positions_3BT=jnp.asarray(pos),
         rope_delta_B=jnp.zeros((B,), jnp.int32), text_idx_BL=jnp.asarray(text_idx_BL),
         text_len_B=jnp.asarray(text_len), vis_idx_BM=jnp.asarray(vis_idx_BM), vis_len_B=jnp.asarray(vis_len),
-        pixels_PC=jnp.asarray(np.concatenate([np.asarray(v.pixel_values) for v in visuals]).astype(dtype))
-        if has_vis else None,
-        vision_layout=vision_layout(visuals, cfg)[0] if has_vis else None,
-        visual_dest=jnp.asarray(np.concatenate(dest), jnp.int32) if has_vis else None,
+        pixels_PC=jnp.asarray(tiles) if has_vis else None,
+        vision_layout=layout if has_vis else None,
+        visual_dest=jnp.asarray(dest, jnp.int32) if has_vis else None,
     )
 
-
-def _runs_match(runs, want) -> bool:
-    """Adjacent visuals of the same kind form one placeholder run: merge `want` the same way."""
-    merged = []
-    for kind, n in want:
-        if merged and merged[-1][0] == kind:
-            merged[-1] = (kind, merged[-1][1] + n)
-        else:
-            merged.append((kind, n))
-    return runs == merged
