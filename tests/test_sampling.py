@@ -8,7 +8,7 @@ from scipy import stats
 
 import _tiny
 from sparrow_jax.decoding.autoregressive import generate
-from sparrow_jax.decoding.sampling import SamplingParams, filtered_logits, target_probs
+from sparrow_jax.decoding.sampling import SamplingParams, target_probs
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch
 

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ from safetensors.numpy import load_file
 import _tiny
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.synthetic.samples import synthetic_samples
-from sparrow_jax.training.data import ShardSource, TrainBatch, collate, slot_layout
+from sparrow_jax.training.data import ShardSource, collate, slot_layout
 from sparrow_jax.training.features import extract_features, fill_features, online_batch, records_for
 from sparrow_jax.training.losses import LossConfig, draft_loss, draft_passes, slot_inputs
 from sparrow_jax.training.trainer import TrainConfig, Trainer

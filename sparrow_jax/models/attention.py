@@ -86,14 +86,12 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
     s_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE, preferred_element_type=jnp.float32) * scale
     m = jnp.broadcast_to(_main_mask(mask, T, S), s_BKGTS.shape)
     if block_k is not None:
-        N = block_k.shape[1]
         s_blk = jnp.einsum("btkge,bnke->bkgtn", q_BTKGE, block_k, preferred_element_type=jnp.float32) * scale
         bm = jnp.broadcast_to(mask.block_mask_BTN[:, None, None], s_blk.shape)
         p = _masked_softmax(jnp.concatenate([s_BKGTS, s_blk], -1), jnp.concatenate([m, bm], -1))
         p_main, p_blk = p[..., :S], p[..., S:]
         o = jnp.einsum("bkgts,bske->btkge", p_main.astype(v_BSKE.dtype), v_BSKE)
         o = o + jnp.einsum("bkgtn,bnke->btkge", p_blk.astype(block_v.dtype), block_v)
-        del N
     else:
         p = _masked_softmax(s_BKGTS, m)
         o = jnp.einsum("bkgts,bske->btkge", p.astype(v_BSKE.dtype), v_BSKE)
