@@ -649,3 +649,30 @@ def test_decode_cli_runs_llava_target(zoo, tmp_path):
     (row,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert row["outputs_identical_to_ar"] is True and len(row["tokens"]) == 6
     assert row["visual_tokens"] == lo.num_visual_tokens("video", zoo("odd").ours.cfg, num_frames=3)
+
+
+# ------------------------------------------------------------------------------------ draft training
+
+
+def test_sparrow_draft_training_steps_lower_the_loss_on_llava(tmp_path):
+    """A few online training steps of a Sparrow draft against a LLaVA-OV target (IVSB + MTP on)."""
+    import json
+
+    from sparrow_jax.training.data import Sample
+    from sparrow_jax.training.trainer import TrainConfig, Trainer
+
+    d = hf_config("even")
+    d["text_config"].update(vocab_size=SMALL_VOCAB, tie_word_embeddings=False)
+    d.update(image_token_index=22, video_token_index=23, tie_word_embeddings=False)
+    (tmp_path / "llava.json").write_text(json.dumps(d))
+    tcfg = lo.LlavaOneVisionConfig.from_hf_dict(d)
+    rng = np.random.default_rng(0)
+    samples = [Sample(p, tuple(rng.integers(1, SMALL_TEXT, 8).tolist())) for p in small_prompts(tcfg, 5, 8)]
+    cfg = TrainConfig.from_file_and_overrides(None, [
+        f"target_config={tmp_path / 'llava.json'}", "online=true", "steps=15", "global_batch=4", "max_text=32",
+        "max_visual=64", "lr=0.003", "warmup=2", "log_every=1", "save_every=100", "tensorboard=false",
+        f"out_dir={tmp_path / 'run'}", "m_star=1"])
+    tr = Trainer(cfg, samples=samples)
+    assert tr.target.cfg.family == "llava_onevision"
+    hist = tr.run(progress=False)
+    assert hist[-1]["loss"] < 0.8 * hist[0]["loss"], (hist[0]["loss"], hist[-1]["loss"])

@@ -42,9 +42,9 @@ def _sequences(target, samples: list[Sample], regenerate: int | None, prepare):
 
 def records_for(target, samples: list[Sample], *, m_star: int, regenerate: int | None = None, prepare=None):
     """Feature records of a list of samples (one padded target batch)."""
-    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
+    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
-    prepare = prepare or prepare_prefill_batch
+    prepare = prepare or prepare_batch_for(target.cfg)
     seqs = _sequences(target, samples, regenerate, prepare)
     batch = prepare([s for s, _ in seqs], target.cfg)
     graphdef, params = nnx.split(target)
@@ -95,10 +95,10 @@ class OnlineBatch:
 
 
 def online_batch(samples: list[Sample], target_cfg, *, L: int, M: int, ivsb: bool, prepare=None) -> OnlineBatch:
-    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
+    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
     seqs = [sample_sequence(s) for s in samples]
-    batch = (prepare or prepare_prefill_batch)([s for s, _ in seqs], target_cfg)
+    batch = (prepare or prepare_batch_for(target_cfg))([s for s, _ in seqs], target_cfg)
     B = len(seqs)
     text_idx, vis_idx = np.zeros((B, L), np.int32), np.zeros((B, M), np.int32)
     recs = []

@@ -109,15 +109,14 @@ class TrainConfig:
 
 
 def load_target(cfg: TrainConfig):
+    """The frozen target: a HF checkpoint of any supported family, or a random one from a config."""
+    from sparrow_jax.models import registry  # noqa: PLC0415
+
     if cfg.target:
-        from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl  # noqa: PLC0415
-
-        return load_qwen2_5_vl(cfg.target)
-    from sparrow_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig  # noqa: PLC0415
-
+        return registry.load_target(cfg.target)
     path = cfg.target_config or str(Path(__file__).resolve().parents[2] / "configs" / "tiny.json")
-    tcfg = Qwen25VLConfig.from_hf_dict(json.loads(Path(path).read_text()), source=path)
-    return Qwen25VL(tcfg, rngs=nnx.Rngs(cfg.target_seed))
+    d, source = registry.read_config_dict(path)
+    return registry.build_target(registry.config_from_dict(d, source), rngs=nnx.Rngs(cfg.target_seed))
 
 
 def make_optimizer(cfg: TrainConfig):
