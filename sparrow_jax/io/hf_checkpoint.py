@@ -45,7 +45,7 @@ def _hf_name(path) -> str:
     return name.replace(".kernel", ".weight").replace(".embedding", ".weight")
 
 
-def _to_ours(hf_name: str, w: np.ndarray, our_shape) -> np.ndarray:
+def _to_ours(hf_name: str, w: np.ndarray) -> np.ndarray:
     if hf_name.endswith("patch_embed.proj.weight"):  # Conv3d [E, C, tp, p, p], stride = kernel: a Linear
         return w.reshape(w.shape[0], -1).T
     if w.ndim == 2 and not hf_name.endswith("embed_tokens.weight"):  # torch Linear [out, in]
@@ -110,10 +110,16 @@ def load_qwen2_5_vl(path, *, dtype=jnp.float32) -> Qwen25VL:
     cfg = Qwen25VLConfig.from_dir(d)
     tensors = read_tensors(d)
     model = nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    flat = nnx.to_flat_state(nnx.state(model))
-    wanted = {_hf_name(p): (p, v) for p, v in flat}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
+    return _fill(model, tensors, d, dtype, hf_name=_hf_name, to_ours=_to_ours,
+                 to_hf=lambda n, w: _to_hf(n, w, cfg.vision))
+
+
+def _fill(model, tensors: dict, d: Path, dtype, *, hf_name, to_ours, to_hf):
+    """Fill an abstract model from checkpoint tensors; every missing, unexpected or misshaped key is a
+    CheckpointError naming it (shared by every family's loader)."""
+    wanted = {hf_name(p): (p, v) for p, v in nnx.to_flat_state(nnx.state(model))}
     missing = sorted(set(wanted) - set(tensors))
     unexpected = sorted(set(tensors) - set(wanted))
     if missing:
@@ -122,10 +128,10 @@ def load_qwen2_5_vl(path, *, dtype=jnp.float32) -> Qwen25VL:
         raise CheckpointError(f"{d}: unexpected weight key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     values = []
     for name, (p, v) in wanted.items():
-        w = _to_ours(name, tensors[name], v.shape)
+        w = to_ours(name, tensors[name])
         if tuple(w.shape) != tuple(v.shape):
             raise CheckpointError(f"{d}: weight {name} has shape {tuple(tensors[name].shape)}, "
-                                  f"config.json implies {tuple(_to_hf(name, np.zeros(v.shape), cfg.vision).shape)}")
+                                  f"config.json implies {tuple(to_hf(name, np.zeros(v.shape)).shape)}")
         values.append((p, v.replace(jnp.asarray(w, dtype=dtype))))
     nnx.update(model, nnx.from_flat_state(values))
     return model
@@ -223,26 +229,12 @@ def load_llava_onevision(path, *, dtype=jnp.float32):
     cfg = LlavaOneVisionConfig.from_dir(d)
     tensors = read_tensors(d, normalize_llava_key)
     model = nnx.eval_shape(lambda: LlavaOneVision(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-    wanted = {_llava_hf_name(p): (p, v) for p, v in nnx.to_flat_state(nnx.state(model))}
     if cfg.tie_word_embeddings:
         tensors.pop("language_model.lm_head.weight", None)
     for k in [k for k in tensors if k.startswith("vision_tower.head.")]:
         tensors.pop(k)
-    missing = sorted(set(wanted) - set(tensors))
-    unexpected = sorted(set(tensors) - set(wanted))
-    if missing:
-        raise CheckpointError(f"{d}: missing weight key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        raise CheckpointError(f"{d}: unexpected weight key(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    values = []
-    for name, (p, v) in wanted.items():
-        w = _llava_to_ours(name, tensors[name])
-        if tuple(w.shape) != tuple(v.shape):
-            raise CheckpointError(f"{d}: weight {name} has shape {tuple(tensors[name].shape)}, config.json implies "
-                                  f"{tuple(_llava_to_hf(name, np.zeros(v.shape), cfg.vision).shape)}")
-        values.append((p, v.replace(jnp.asarray(w, dtype=dtype))))
-    nnx.update(model, nnx.from_flat_state(values))
-    return model
+    return _fill(model, tensors, d, dtype, hf_name=_llava_hf_name, to_ours=_llava_to_ours,
+                 to_hf=lambda n, w: _llava_to_hf(n, w, cfg.vision))
 
 
 def save_llava_onevision(model, path) -> None:
