@@ -171,6 +171,7 @@ def runs(feature_dir, tmp_path_factory):
     return d, ckpts
 
 
+@pytest.mark.slow
 def test_sharded_8_devices_equals_1_device(runs):
     d, _ = runs
     a, b = _params(d / "A"), _params(d / "B")
@@ -178,6 +179,7 @@ def test_sharded_8_devices_equals_1_device(runs):
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_8_devices(runs):
     d, _ = runs
     b, c = _params(d / "B"), _params(d / "C")
@@ -185,6 +187,7 @@ def test_two_processes_equal_one_process_with_8_devices(runs):
         np.testing.assert_allclose(c[k], b[k], atol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_then_resume_is_bit_identical(runs):
     d, ckpts_after_kill = runs
     # The step-4 save was cut off: only step 2 is a finalized checkpoint (4 may exist as a tmp dir).
