@@ -10,8 +10,6 @@ not a property of the weights. At the first prompt position h_{-1} is zero.
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
@@ -90,10 +88,10 @@ class DraftConfig:
 
     @classmethod
     def from_dir(cls, path) -> "DraftConfig":
-        p = Path(path) / "config.json"
-        if not p.is_file():
-            raise DraftConfigError(f"{p}: not found (expected a draft checkpoint directory)")
-        return cls.from_dict(json.loads(p.read_text()), source=str(p))
+        from sparrow_jax.models.config_io import read_config_json  # noqa: PLC0415
+
+        d, source = read_config_json(path, DraftConfigError, "a draft checkpoint directory")
+        return cls.from_dict(d, source=source)
 
 
 class SparrowDraft(nnx.Module):

@@ -25,10 +25,8 @@ Module attribute names mirror the HF checkpoint keys (see `sparrow_jax.io.hf_che
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -193,14 +191,10 @@ class LlavaOneVisionConfig:
 
     @classmethod
     def from_dir(cls, path) -> "LlavaOneVisionConfig":
-        p = Path(path) / "config.json"
-        if not p.is_file():
-            raise ConfigError(f"{p}: not found (expected a HF checkpoint directory)")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}: invalid JSON ({e})") from None
-        return cls.from_hf_dict(d, source=str(p))
+        from sparrow_jax.models.config_io import read_config_json  # noqa: PLC0415
+
+        d, source = read_config_json(path, ConfigError)
+        return cls.from_hf_dict(d, source=source)
 
     def to_hf_dict(self) -> dict:
         t, v = self.text, self.vision

@@ -4,8 +4,6 @@ every family without naming one."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import jax.numpy as jnp
 from flax import nnx
@@ -34,14 +32,9 @@ def config_from_dict(d: dict, source: str = "config.json"):
 
 def read_config_dict(path) -> tuple[dict, str]:
     """config.json of a checkpoint directory (or a config file path) -> (dict, source name)."""
-    p = Path(path)
-    p = p / "config.json" if p.is_dir() else p
-    if not p.is_file():
-        raise ConfigError(f"{p}: not found (expected a HF checkpoint directory or a config.json)")
-    try:
-        return json.loads(p.read_text()), str(p)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{p}: invalid JSON ({e})") from None
+    from sparrow_jax.models.config_io import read_config_json  # noqa: PLC0415
+
+    return read_config_json(path, ConfigError, "a HF checkpoint directory or a config.json")
 
 
 def load_target(path, dtype=jnp.float32):
