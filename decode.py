@@ -60,6 +60,8 @@ def parse_args(argv=None):
     gen.add_argument("--compare-ar", action="store_true", help="also run AR; print DSR/ESR (runs are warmed up, "
                      "timed without streaming)")
     gen.add_argument("--no-stream", action="store_true", help="do not print tokens as they are committed")
+    gen.add_argument("--profile", action="store_true", help="also time one round's draft phase and verify phase "
+                     "separately (the fused loop cannot report the split)")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -258,6 +260,13 @@ def main(argv=None):
         record.update(acc)
         print(f"[decode] tau {acc['tau']:.2f} over {acc['rounds']} rounds; acceptance per depth "
               f"{acc['acceptance_per_depth']}")
+    if "spec" in runs and args.profile:
+        p = E.prepare(model, draft, prompts, runs["spec"]["ecfg"], mode=visual_mode, keep_fraction=args.keep_fraction,
+                      prune_by=args.prune_by)
+        split = E.profile_phases(model, draft, p, runs["spec"]["ecfg"])
+        record.update(split)
+        print(f"[decode] per round: draft {split['draft_s_per_round'] * 1e3:.2f} ms, verify "
+              f"{split['verify_s_per_round'] * 1e3:.2f} ms")
     if "spec" in runs and "ar" in runs:
         same = all(runs["spec"]["tokens"][b, :runs["spec"]["n"][b]].tolist() ==
                    runs["ar"]["tokens"][b, :runs["ar"]["n"][b]].tolist() for b in range(B))

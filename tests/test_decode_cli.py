@@ -36,13 +36,14 @@ def test_sparrow_mode_with_compare_ar_writes_jsonl(files, capsys):
     out = d / "out.jsonl"
     decode.main(["--config", str(cfg), "--video", str(video), "--prompt", "What moves?", "--video", str(video),
                  "--prompt", "Colours?", "--max-pixels", str(56 * 56), "--max-new-tokens", "6", "--tree", "10-3-3",
-                 "--compare-ar", "--jsonl", str(out)])
+                 "--compare-ar", "--profile", "--jsonl", str(out)])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["row"] for r in rows] == [0, 1]
     for r in rows:
         assert r["outputs_identical_to_ar"] is True
         assert r["mode"] == "sparrow" and r["visual_tokens"] > 0 and len(r["tokens"]) == 6
         assert r["tau"] >= 1.0 and r["DSR"] > 0 and r["ESR"] > 0
+        assert r["draft_s_per_round"] > 0 and r["verify_s_per_round"] > 0
     assert "DSR" in capsys.readouterr().out
 
 
