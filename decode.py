@@ -206,6 +206,7 @@ def main(argv=None):
     def run_ar(on_emit=None):
         t0 = time.perf_counter()
         batch = registry.prepare_batch_for(cfg)(prompts, cfg)
+        tg.check_context(batch, cfg.text, args.max_new_tokens)
         T = batch.input_ids_BT.shape[1]
         pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, args.max_new_tokens),
                                                m_star=cfg.num_layers // 2, impl=args.attention))
@@ -234,16 +235,19 @@ def main(argv=None):
                     decode_s=t2 - t1, batch=p.batch, accepted=np.asarray(res.accepted_BR), ecfg=ecfg)
 
     runs = {}
-    if args.compare_ar:
-        print("[decode] warm-up runs (compilation) ...", flush=True)
-        run_ar(), run_spec()
-        runs["ar"], runs["spec"] = run_ar(), run_spec()
-        if visual_mode is None:
-            runs.pop("spec")
-    elif visual_mode is None:
-        runs["ar"] = run_ar(stream)
-    else:
-        runs["spec"] = run_spec(stream)
+    try:
+        if args.compare_ar:
+            print("[decode] warm-up runs (compilation) ...", flush=True)
+            run_ar(), run_spec()
+            runs["ar"], runs["spec"] = run_ar(), run_spec()
+            if visual_mode is None:
+                runs.pop("spec")
+        elif visual_mode is None:
+            runs["ar"] = run_ar(stream)
+        else:
+            runs["spec"] = run_spec(stream)
+    except tg.ContextLengthError as e:
+        sys.exit(f"decode.py: error: {e}")
     if stream is not None:
         print()
     main_run = runs.get("spec", runs.get("ar"))

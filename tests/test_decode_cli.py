@@ -72,3 +72,16 @@ def test_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as e:
         decode.main(["--help"])
     assert e.value.code == 0 and "--compare-ar" in capsys.readouterr().out
+
+
+def test_prompt_over_context_is_refused(files, tmp_path):
+    d, cfg, video = files
+    small = json.loads(cfg.read_text())
+    small["text_config"]["max_position_embeddings"] = 40
+    p = tmp_path / "short_ctx.json"
+    p.write_text(json.dumps(small))
+    for mode in ("ar", "sparrow"):
+        with pytest.raises(SystemExit) as e:
+            decode.main(["--config", str(p), "--video", str(video), "--max-pixels", str(56 * 56), "--mode", mode,
+                         "--max-new-tokens", "8", "--tree", "10-3-3"])
+        assert "over the target's context of 40 positions" in str(e.value) and "prompt 0" in str(e.value)

@@ -89,6 +89,7 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams = 
 
     cfg = model.cfg
     batch = (prepare or prepare_batch_for(cfg))(prompts, cfg)
+    tg.check_context(batch, cfg.text, max_new_tokens)
     graphdef, params = nnx.split(model)
     T = batch.input_ids_BT.shape[1]
     pre = tg.prefill(graphdef, params, batch, capacity=cache_capacity(T, max_new_tokens),

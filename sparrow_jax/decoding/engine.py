@@ -290,6 +290,7 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
     tcfg = target_model.cfg
     batch = (prepare_batch or prepare_batch_for(tcfg))(prompts, tcfg)
     T = batch.input_ids_BT.shape[1]
+    tg.check_context(batch, tcfg.text, cfg.max_new_tokens)
     idx, dlen, keep_vis = draft_positions(prompts, mode, T, keep_fraction)
     batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen, draft_keep_vis_B=keep_vis,
                                 draft_by_attention=mode == "pruned_visual" and prune_by == "attention")

@@ -73,6 +73,23 @@ class VerifyOutput:
     block_kv: tuple  # per layer (k [B, N, K, E], v [B, N, K, E]) for `commit`
 
 
+class ContextLengthError(ValueError):
+    """A prompt (plus the tokens to generate) that does not fit the target's context."""
+
+
+def check_context(batch: PrefillBatch, text_cfg, max_new_tokens: int) -> None:
+    """Host: refuse rows whose last decode position would pass `max_position_embeddings`."""
+    import numpy as np  # noqa: PLC0415
+
+    lengths = np.asarray(batch.lengths_B)
+    last = lengths - 1 + np.asarray(batch.rope_delta_B) + max_new_tokens
+    limit = text_cfg.max_position_embeddings
+    for b in np.nonzero(last >= limit)[0]:
+        raise ContextLengthError(
+            f"prompt {b}: {lengths[b]} prompt tokens + {max_new_tokens} new tokens reach position {last[b]}, "
+            f"over the target's context of {limit} positions (max_position_embeddings)")
+
+
 def _input_embeddings(model, batch: PrefillBatch, impl):
     x_BTD = model.embed(batch.input_ids_BT)
     if batch.pixels_PC is not None:
