@@ -47,10 +47,9 @@ EMBED_NORM_ALIASES = ("embed_norm.weight", "enorm.weight", "norm_embed.weight", 
                       "input_norm.weight")
 _PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _CONVERT_HINT = (
-    "sparrow-jax reads safetensors only and never unpickles. Convert once, in an environment you trust, "
-    "e.g.: python -c \"import torch; from safetensors.torch import save_file; "
-    "sd = torch.load('pytorch_model.bin', map_location='cpu', weights_only=True); "
-    "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors', metadata={'format': 'pt'})\"")
+    "sparrow-jax reads safetensors only and never unpickles. Convert the weights once, in an environment you "
+    "trust, with torch + `safetensors.torch.save_file` (or transformers' `save_pretrained`), and point "
+    "sparrow-jax at the resulting model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------- names
