@@ -28,7 +28,9 @@ def parse_args(argv=None):
     ap.add_argument("--extract-features", metavar="DIR", help="write offline feature shards to DIR and exit")
     ap.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: config num_samples)")
     ap.add_argument("--regenerate", type=int, default=None, help="extraction: responses = target's greedy answer")
-    ap.add_argument("--export", metavar="DIR", help="after training, save the draft (ours in DIR, EAGLE in DIR-eagle)")
+    ap.add_argument("--export", metavar="DIR", help="after training, save the draft: ours in DIR, and the official "
+                    "layout it can be expressed in (Sparrow for a draft with the embedding norm, else EAGLE-2, with "
+                    "the target's embedding) in DIR-sparrow / DIR-eagle2")
     ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
     ap.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process)")
     ap.add_argument("--num-processes", type=int)
@@ -70,12 +72,14 @@ def main(argv=None):
     if history and jax.process_index() == 0:
         print(f"[train] step {trainer.step}: " + json.dumps({k: round(v, 5) for k, v in history[-1].items()}))
     if args.export and jax.process_index() == 0:
-        from sparrow_jax.io.draft_checkpoint import export_eagle, save_draft  # noqa: PLC0415
+        from sparrow_jax.io.draft_checkpoint import export_official, save_draft, target_embedding  # noqa: PLC0415
 
         draft = trainer.draft()
         save_draft(draft, args.export)
-        export_eagle(draft, args.export.rstrip("/") + "-eagle")
-        print(f"[train] draft saved to {args.export} (ours) and {args.export.rstrip('/')}-eagle (EAGLE format)")
+        fmt = "sparrow" if draft.cfg.normalize_embeddings else "eagle2"  # the one official layout it fits
+        official = f"{args.export.rstrip('/')}-{fmt}"
+        export_official(draft, official, format=fmt, embed_tokens=target_embedding(trainer.target))
+        print(f"[train] draft saved to {args.export} (ours) and {official} (official {fmt} layout)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Draft checkpoints: our format round trip, EAGLE import/export, parity of an imported hand-written EAGLE
-checkpoint with a torch reference, and every refusal (fit, keys, shapes, pickles, config)."""
+"""Draft checkpoints: our format round trip, official Sparrow / EAGLE-2 import/export (keys, format detection,
+refusals), parity of an imported hand-written checkpoint with a torch reference, parity with the official
+modules themselves when their code is available (bench/official_drafts.py), and every refusal (fit, keys,
+shapes, pickles, config)."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
+from functools import partial
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,12 +19,13 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import _tiny
-from sparrow_jax.io.draft_checkpoint import (CheckpointError, draft_tensors, export_eagle, import_eagle,
-                                             load_draft, save_draft)
+from sparrow_jax.io.draft_checkpoint import (CheckpointError, DraftFormatError, detect_format, draft_tensors,
+                                             export_official, import_official, load_draft, save_draft)
 from sparrow_jax.models.attention import MaskSpec
 from sparrow_jax.models.draft import DraftConfig, DraftConfigError, SparrowDraft
 
 TARGET = _tiny.our_config()  # hidden 64, vocab 300, 4 heads / 2 kv heads
+EMB = np.random.default_rng(42).standard_normal((300, 64)).astype(np.float32)  # the target's embedding
 
 
 def random_draft(seed=0, dtype=jnp.float32, **overrides) -> SparrowDraft:
@@ -83,6 +90,24 @@ def rewrite(d, fn):
     save_file(t, str(d / "model.safetensors"))
 
 
+def export(draft, path, **kw):
+    """export_official in the one format the draft fits, with an embedding of the draft's shape."""
+    c = draft.cfg
+    emb = EMB if (c.vocab_size, c.hidden_size) == EMB.shape else np.zeros((c.vocab_size, c.hidden_size), np.float32)
+    fmt = "sparrow" if c.normalize_embeddings else "eagle2"
+    export_official(draft, path, **{"format": fmt, "embed_tokens": emb, **kw})
+
+
+def edit_config(d, **changes):
+    c = json.loads((d / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            c.pop(k, None)
+        else:
+            c[k] = v
+    (d / "config.json").write_text(json.dumps(c))
+
+
 # ------------------------------------------------------------------------------------------ round trips
 
 @pytest.mark.parametrize("normalize,layers", [(True, 2), (False, 1)])
@@ -112,31 +137,61 @@ def test_save_load_bf16(tmp_path):
     assert np.array_equal(params(up)["fc.weight"], params(draft)["fc.weight"].astype(np.float32))
 
 
-@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("fmt", ["sparrow", "eagle2"])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_eagle_export_import_roundtrip(tmp_path, normalize, layers):
-    draft = random_draft(seed=layers, normalize_embeddings=normalize, num_layers=layers, rope_theta=5000.0)
-    export_eagle(draft, tmp_path / "e")
+def test_official_export_import_roundtrip(tmp_path, fmt, layers):
+    draft = random_draft(seed=layers, normalize_embeddings=fmt == "sparrow", num_layers=layers, rope_theta=5000.0)
+    export_official(draft, tmp_path / "e", format=fmt, embed_tokens=EMB)
     hf = json.loads((tmp_path / "e" / "config.json").read_text())
-    assert hf["architectures"] == ["Qwen2ForCausalLM"] and hf["num_hidden_layers"] == layers
-    assert hf["sparrow_normalize_embeddings"] is normalize and hf["qkv_bias"] is True and hf["rope_theta"] == 5000.0
-    back = import_eagle(tmp_path / "e", target_cfg=TARGET)
+    assert hf["num_hidden_layers"] == layers and hf["sparrow_jax_format"] == fmt
+    assert hf["qkv_bias"] is True and hf["bias"] is True and hf["rope_theta"] == 5000.0
+    t = load_file(str(tmp_path / "e" / "model.safetensors"))
+    assert np.array_equal(t["embed_tokens.weight"], EMB)  # always written: Sparrow's loader reads it from here
+    assert "embed_norm.weight" not in t
+    assert ("input_layernorm.weight" in t) == (fmt == "sparrow")  # Sparrow's top-level name for RMSNorm(e_t)
+    if fmt == "sparrow":
+        assert np.array_equal(t["input_layernorm.weight"], params(draft)["embed_norm.weight"])
+    assert detect_format(tmp_path / "e") == fmt
+    back = import_official(tmp_path / "e", target_cfg=TARGET)
     assert back.cfg == draft.cfg
     assert_same_params(draft, back)
     assert_same_outputs(draft, back)
 
 
-def test_eagle_import_prefixed_sharded_and_inferred_norm(tmp_path):
-    """`model.` prefixes, a sharded index, no sparrow_* config keys, norm under an alias name."""
+@pytest.mark.parametrize("fmt", ["sparrow", "eagle2"])
+def test_export_refuses_unrepresentable_embedding_norm(tmp_path, fmt):
+    """A normed draft has no EAGLE-2 form; an unnormed one has no Sparrow form. Refused with the reason;
+    force=True writes it with a warning (norm dropped / all-ones norm added)."""
+    draft = random_draft(normalize_embeddings=fmt == "eagle2")  # the wrong one for fmt
+    reason = "without a norm" if fmt == "eagle2" else "always applies RMSNorm"
+    with pytest.raises(DraftFormatError, match=reason):
+        export_official(draft, tmp_path / "e", format=fmt, embed_tokens=EMB)
+    assert not (tmp_path / "e").exists()
+    with pytest.warns(UserWarning, match=reason):
+        export_official(draft, tmp_path / "e", format=fmt, embed_tokens=EMB, force=True)
+    back = import_official(tmp_path / "e", target_cfg=TARGET)
+    assert back.cfg.normalize_embeddings == (fmt == "sparrow")
+
+
+def test_export_needs_the_target_embedding(tmp_path):
+    draft = random_draft()
+    with pytest.raises(TypeError, match="embed_tokens"):
+        export_official(draft, tmp_path / "e", format="sparrow")  # keyword-only and required
+    with pytest.raises(ValueError, match="embed_tokens is required"):
+        export_official(draft, tmp_path / "e", format="sparrow", embed_tokens=None)
+    with pytest.raises(ValueError, match=r"embed_tokens has shape \(300, 32\)"):
+        export_official(draft, tmp_path / "e", format="sparrow", embed_tokens=np.zeros((300, 32), np.float32))
+    with pytest.raises(ValueError, match="format 'eagle'"):
+        export_official(draft, tmp_path / "e", format="eagle", embed_tokens=EMB)
+
+
+def test_official_import_prefixed_sharded_no_sparrow_keys(tmp_path):
+    """`model.` prefixes, a sharded index, no sparrow_* config keys: the format comes from the key names."""
     draft = random_draft(num_layers=2)
-    export_eagle(draft, tmp_path / "e", embed_tokens=np.zeros((300, 64), np.float32))
     d = tmp_path / "e"
-    hf = json.loads((d / "config.json").read_text())
-    for k in ("sparrow_normalize_embeddings", "sparrow_family", "rope_parameters", "head_dim"):
-        hf.pop(k)
-    (d / "config.json").write_text(json.dumps(hf))
+    export(draft, d)
+    edit_config(d, sparrow_jax_format=None, sparrow_family=None, rope_parameters=None, head_dim=None)
     t = load_file(str(d / "model.safetensors"))
-    t["enorm.weight"] = t.pop("embed_norm.weight")
     t = {("model." + k if "layers" in k else k): v for k, v in t.items()}
     (d / "model.safetensors").unlink()
     names = sorted(t)
@@ -146,15 +201,35 @@ def test_eagle_import_prefixed_sharded_and_inferred_norm(tmp_path):
         save_file({k: t[k] for k in ks}, str(d / f))
     (d / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
-    back = import_eagle(d, target_cfg=TARGET)
+    assert detect_format(d) == "sparrow"
+    back = import_official(d, target_cfg=TARGET)
     assert back.cfg == draft.cfg
     assert_same_params(draft, back)
 
 
-def test_import_eagle_accepts_our_format(tmp_path):
+def test_import_official_accepts_our_format(tmp_path):
     draft = random_draft()
     save_draft(draft, tmp_path / "d")
-    assert_same_params(draft, import_eagle(tmp_path / "d", target_cfg=TARGET))
+    assert detect_format(tmp_path / "d") == "ours"
+    assert_same_params(draft, import_official(tmp_path / "d", target_cfg=TARGET))
+
+
+def test_format_detection_errors_name_the_key_and_file(tmp_path):
+    d = tmp_path / "marker"  # config says sparrow, weights have no input_layernorm.weight
+    export(random_draft(normalize_embeddings=False), d)
+    edit_config(d, sparrow_jax_format="sparrow")
+    with pytest.raises(CheckpointError, match=r"config\.json: sparrow_jax_format is 'sparrow', but the weights are "
+                                              r"the eagle2 layout \(the file has no top-level input_layernorm"):
+        import_official(d, target_cfg=TARGET)
+    with pytest.raises(CheckpointError, match="sparrow_jax_format"):
+        detect_format(d)
+
+    d = tmp_path / "ours_norm_name"  # our internal norm name in an official layout
+    export(random_draft(), d)
+    rewrite(d, lambda t: t.update({"embed_norm.weight": t.pop("input_layernorm.weight")}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: key embed_norm\.weight is sparrow-jax's internal "
+                                              r"name; .* input_layernorm\.weight"):
+        import_official(d, target_cfg=TARGET)
 
 
 # ---------------------------------------------------------------------- hand-written EAGLE checkpoint
@@ -206,7 +281,7 @@ def write_eagle(d, sd, cfg, torch_save):
 
 
 @pytest.mark.parametrize("norm_key,input_norm_ones,fc_bias", [
-    (None, False, True), ("enorm.weight", True, True), ("embed_norm.weight", False, False)])
+    (None, False, True), ("input_layernorm.weight", True, True), ("input_layernorm.weight", False, False)])
 def test_import_handwritten_eagle_matches_torch(tmp_path, norm_key, input_norm_ones, fc_bias):
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file as torch_save  # noqa: PLC0415
@@ -215,7 +290,7 @@ def test_import_handwritten_eagle_matches_torch(tmp_path, norm_key, input_norm_o
 
     sd = eagle_state_dict(torch, norm_key, input_norm_ones, fc_bias)
     d = write_eagle(tmp_path / "e", sd, eagle_config(bias=fc_bias), torch_save)
-    draft = import_eagle(d, target_cfg=TARGET)
+    draft = import_official(d, target_cfg=TARGET)
     assert draft.cfg.normalize_embeddings == (norm_key is not None)
     assert draft.cfg.rope_theta == 5000.0 and draft.cfg.vocab_size == V and draft.cfg.num_layers == 1
 
@@ -259,18 +334,18 @@ def test_import_warns_on_foreign_embedding(tmp_path):
     d = write_eagle(tmp_path / "e", sd, eagle_config(), torch_save)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        import_eagle(d, target_cfg=TARGET, target_embedding=sd["embed_tokens.weight"].numpy())
+        import_official(d, target_cfg=TARGET, target_embedding=sd["embed_tokens.weight"].numpy())
     with pytest.warns(UserWarning, match="differs from the target's embedding"):
-        import_eagle(d, target_cfg=TARGET, target_embedding=np.zeros((V, H), np.float32))
+        import_official(d, target_cfg=TARGET, target_embedding=np.zeros((V, H), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------ errors
 
 def test_hidden_size_mismatch_is_refused(tmp_path):
     small = random_draft(hidden_size=32, intermediate_size=64)
-    export_eagle(small, tmp_path / "e")
+    export(small, tmp_path / "e")
     with pytest.raises(DraftConfigError, match=r"hidden size 32 != target 64"):
-        import_eagle(tmp_path / "e", target_cfg=TARGET)
+        import_official(tmp_path / "e", target_cfg=TARGET)
     save_draft(small, tmp_path / "d")
     with pytest.raises(DraftConfigError, match=r"hidden size 32 != target 64"):
         load_draft(tmp_path / "d", target_cfg=TARGET)
@@ -282,23 +357,21 @@ def test_vocab_mismatch_is_refused(tmp_path):
     save_draft(other, tmp_path / "d")
     with pytest.raises(DraftConfigError, match=r"vocab 301 != target 300"):
         load_draft(tmp_path / "d", target_cfg=TARGET)
-    export_eagle(other, tmp_path / "e")
+    export(other, tmp_path / "e")
     with pytest.raises(DraftConfigError, match=r"vocab 301 != target 300"):
-        import_eagle(tmp_path / "e", target_cfg=TARGET)
+        import_official(tmp_path / "e", target_cfg=TARGET)
     # no vocab_size in config, but an embedding of another vocabulary
-    export_eagle(random_draft(), tmp_path / "e2")
+    export(random_draft(), tmp_path / "e2")
     rewrite(tmp_path / "e2", lambda t: t.update({"embed_tokens.weight": np.zeros((301, 64), np.float32)}))
-    hf = json.loads((tmp_path / "e2" / "config.json").read_text())
-    del hf["vocab_size"]
-    (tmp_path / "e2" / "config.json").write_text(json.dumps(hf))
+    edit_config(tmp_path / "e2", vocab_size=None)
     with pytest.raises(CheckpointError, match=r"embed_tokens\.weight has shape \(301, 64\).*\(300, 64\)"):
-        import_eagle(tmp_path / "e2", target_cfg=TARGET)
+        import_official(tmp_path / "e2", target_cfg=TARGET)
 
 
-@pytest.mark.parametrize("fmt", ["ours", "eagle"])
+@pytest.mark.parametrize("fmt", ["ours", "sparrow", "eagle2"])
 def test_missing_unexpected_misshaped_keys(tmp_path, fmt):
-    draft = random_draft(num_layers=2)
-    write, read = (save_draft, load_draft) if fmt == "ours" else (export_eagle, import_eagle)
+    draft = random_draft(num_layers=2, normalize_embeddings=fmt != "eagle2")
+    write, read = (save_draft, load_draft) if fmt == "ours" else (export, import_official)
     kw = {"target_cfg": TARGET}
 
     d = tmp_path / "missing"
@@ -329,14 +402,14 @@ def test_missing_unexpected_misshaped_keys(tmp_path, fmt):
         read(d, **kw)
 
 
-@pytest.mark.parametrize("reader", ["ours", "eagle"])
+@pytest.mark.parametrize("reader", ["ours", "official"])
 def test_only_pickle_weights_are_refused_unopened(tmp_path, reader):
     d = tmp_path / "p"
     d.mkdir()
     cfg = DraftConfig.for_target(TARGET).to_dict() if reader == "ours" else eagle_config()
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")  # opening it would fail differently
-    fn = load_draft if reader == "ours" else (lambda p: import_eagle(p, target_cfg=TARGET))
+    fn = load_draft if reader == "ours" else partial(import_official, target_cfg=TARGET)
     with pytest.raises(CheckpointError, match=r"only pickle weights found \(pytorch_model\.bin\).*safetensors"):
         fn(d)
 
@@ -348,44 +421,40 @@ def test_missing_config_and_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match=r"config\.json: not found"):
         load_draft(tmp_path / "d")
     with pytest.raises(CheckpointError, match=r"config\.json: not found"):
-        import_eagle(tmp_path / "d", target_cfg=TARGET)
+        import_official(tmp_path / "d", target_cfg=TARGET)
     with pytest.raises(CheckpointError, match="not a directory"):
         load_draft(tmp_path / "nope")
 
 
 def test_wrong_loader_and_unsupported_variants(tmp_path):
     draft = random_draft()
-    export_eagle(draft, tmp_path / "e")
-    with pytest.raises(CheckpointError, match="use import_eagle"):
+    export(draft, tmp_path / "e")
+    with pytest.raises(CheckpointError, match="use import_official"):
         load_draft(tmp_path / "e")
 
     d = tmp_path / "in0"  # a trained first-layer input norm: different architecture
-    export_eagle(draft, d)
+    export(draft, d)
     rewrite(d, lambda t: t.update({"layers.0.input_layernorm.weight": np.full(64, 1.5, np.float32)}))
     with pytest.raises(CheckpointError, match=r"layers\.0\.input_layernorm\.weight is present and not all ones"):
-        import_eagle(d, target_cfg=TARGET)
+        import_official(d, target_cfg=TARGET)
 
     d = tmp_path / "eagle3"
-    export_eagle(draft, d)
+    export(draft, d)
     rewrite(d, lambda t: t.update({"d2t": np.zeros(3, np.int64)}))
     with pytest.raises(CheckpointError, match="EAGLE-3"):
-        import_eagle(d, target_cfg=TARGET)
+        import_official(d, target_cfg=TARGET)
 
-    d = tmp_path / "norm_flag"  # config promises an embedding norm the weights lack
-    export_eagle(random_draft(normalize_embeddings=False), d)
-    hf = json.loads((d / "config.json").read_text())
-    hf["sparrow_normalize_embeddings"] = True
-    (d / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(CheckpointError, match=r"missing weight key.*embed_norm\.weight"):
-        import_eagle(d, target_cfg=TARGET)
+    d = tmp_path / "no_qkv_bias_key"  # their code would build q/k/v without bias and drop these
+    export(draft, d)
+    edit_config(d, qkv_bias=None)
+    with pytest.warns(UserWarning, match="no qkv_bias key but the weights have q/k/v biases"):
+        assert import_official(d, target_cfg=TARGET).cfg.qkv_bias
 
     d = tmp_path / "rope"
-    export_eagle(draft, d)
-    hf = json.loads((d / "config.json").read_text())
-    hf["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
-    (d / "config.json").write_text(json.dumps(hf))
+    export(draft, d)
+    edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
     with pytest.raises(DraftConfigError, match="RoPE type 'llama3'"):
-        import_eagle(d, target_cfg=TARGET)
+        import_official(d, target_cfg=TARGET)
 
     d = tmp_path / "heads"
     save_draft(draft, d)
@@ -394,3 +463,23 @@ def test_wrong_loader_and_unsupported_variants(tmp_path):
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(DraftConfigError, match="not divisible by num_attention_heads 5"):
         load_draft(d)
+
+
+# ---------------------------------------------------------------------------- the official modules themselves
+
+@pytest.mark.parametrize("fmt,var", [("sparrow", "SPARROW_OFFICIAL_CODE"), ("eagle2", "EAGLE_OFFICIAL_CODE")])
+def test_official_modules_match_our_import_and_export(tmp_path, fmt, var):
+    """bench/official_drafts.py's check against the official draft module itself (Sparrow's cnets_sparrow.py,
+    EAGLE-2's cnets1.py), when `var` points at a checkout: official file -> import_official, and
+    export_official -> their loader (every key consumed); outputs on identical inputs within REL_TOL."""
+    if not os.environ.get(var):
+        pytest.skip(f"{var} is not set (path to a checkout of the official {fmt} code)")
+    pytest.importorskip("torch")
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    import official_drafts  # noqa: PLC0415
+
+    records = official_drafts.check(fmt, layers=2, work=tmp_path, target_cfg=TARGET)
+    assert {r["direction"] for r in records} == {"official->ours", "ours->official"}
+    for r in records:
+        assert r["ok"], r

@@ -1,8 +1,8 @@
-"""Draft checkpoints: our own format, and import/export of the EAGLE layout (safetensors only).
+"""Draft checkpoints: our own format, and the official EAGLE-2 / Sparrow layouts (safetensors only).
 
-Two on-disk formats share one tensor naming (torch layout: a Linear weight is [out, in]):
+All formats use torch tensor names and layout (a Linear weight is [out, in]):
 
-    embed_norm.weight                                  (only when normalize_embeddings)
+    embed_norm.weight                                  (ours; only when normalize_embeddings)
     fc.weight [D, 2D], fc.bias [D]                     (input is concat([e_t, h_{t-1}]))
     layers.{i}.self_attn.{q,k,v}_proj.{weight,bias}    (bias only with qkv_bias)
     layers.{i}.self_attn.o_proj.weight
@@ -12,11 +12,22 @@ Two on-disk formats share one tensor naming (torch layout: a Linear weight is [o
 
 * Our format (`save_draft` / `load_draft`): `config.json` = `DraftConfig.to_dict()` (model_type
   "sparrow_draft") + `model.safetensors`. Strict: every missing, unexpected or misshaped key is an error.
-* EAGLE format (`import_eagle` / `export_eagle`): the layout EAGLE-1/2 and the Sparrow/ViSpec releases
-  built on its code use: a Llama/Qwen2-like `config.json` + `model.safetensors` (or a sharded set with
-  `model.safetensors.index.json`). In EAGLE's code the config key `bias` is the bias of `fc` (default
-  true) and `qkv_bias` the q/k/v bias; we follow that (see `_eagle_config`). EAGLE-3 drafts (`midlayer.*`,
-  `d2t`/`t2d`, a 3D-wide fc) are a different architecture and are refused.
+* Official formats (`export_official(..., format=...)` / `import_official`), checked against the official
+  modules themselves (bench/official_drafts.py, BENCHMARKS.md):
+  - "sparrow" — Sparrow's `sparrow/model/cnets_sparrow.py`: the RMSNorm on e_t is the top-level
+    `input_layernorm.weight` (ours: `embed_norm.weight`).
+  - "eagle2" — EAGLE-2's `eagle/model/cnets1.py`: no embedding norm (e_t goes raw into fc), so only drafts
+    with normalize_embeddings=False are representable.
+  Both carry `embed_tokens.weight` [V, D] (Sparrow's loader never fills it from the target; EAGLE-2's
+  copies the target's and the file's overrides it), a Llama/Qwen2-like `config.json` with EAGLE's keys
+  `bias` (the fc bias, default true) and `qkv_bias` (without it their code builds q/k/v without bias).
+  Their loaders use `load_state_dict(strict=False)`, so a misnamed key is silently ignored there; the
+  export writes exactly the names their modules have. Import detects the format from the key names
+  (`input_layernorm.weight` at top level = Sparrow) and, for our exports, the `sparrow_jax_format`
+  config key, which must agree. EAGLE-3 drafts (`midlayer.*`, `d2t`/`t2d`) are refused.
+  Sequence convention (not a property of the file): the official drafts are trained on sequences starting
+  at t1 paired with h0 (`input_ids[:, 1:]`) at position 0; with that convention adopted in the engine and
+  trainer (issue 9 §6), an imported draft sees the positions and context it was trained with.
 
 Pickle files (*.bin, *.pt, *.pth) are never opened: convert them to safetensors first.
 """
@@ -37,14 +48,15 @@ from sparrow_jax.io.hf_checkpoint import CheckpointError
 from sparrow_jax.models.draft import DraftConfig, DraftConfigError, SparrowDraft
 from sparrow_jax.models.layers import ACTIVATIONS
 
-__all__ = ["save_draft", "load_draft", "import_eagle", "export_eagle", "draft_tensors",
-           "EMBED_NORM_ALIASES", "CheckpointError", "DraftConfigError"]
+__all__ = ["save_draft", "load_draft", "import_official", "export_official", "detect_format", "import_eagle",
+           "target_embedding", "draft_tensors", "OFFICIAL_FORMATS", "DraftFormatError", "CheckpointError",
+           "DraftConfigError"]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# Names Sparrow-style drafts may give the RMSNorm on e_t (official names unverified); first is ours.
-EMBED_NORM_ALIASES = ("embed_norm.weight", "enorm.weight", "norm_embed.weight", "embed_layernorm.weight",
-                      "input_norm.weight")
+OFFICIAL_FORMATS = ("sparrow", "eagle2")
+FORMAT_KEY = "sparrow_jax_format"  # config.json key our exports add (official files have none)
+OURS_NORM, SPARROW_NORM = "embed_norm.weight", "input_layernorm.weight"  # RMSNorm(e_t): ours / official Sparrow
 _PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _CONVERT_HINT = (
     "sparrow-jax reads safetensors only and never unpickles. Convert the weights once, in an environment you "
@@ -232,8 +244,8 @@ def load_draft(path, *, dtype=jnp.float32, target_cfg=None) -> SparrowDraft:
     raw = _read_config(d)
     src = str(d / "config.json")
     if raw.get("model_type") != "sparrow_draft":
-        raise CheckpointError(f"{src}: model_type {raw.get('model_type')!r} is not 'sparrow_draft'; for EAGLE/"
-                              "Sparrow-release layouts (Llama/Qwen2-style config.json) use import_eagle(path, "
+        raise CheckpointError(f"{src}: model_type {raw.get('model_type')!r} is not 'sparrow_draft'; for the official "
+                              "EAGLE-2 / Sparrow layouts (Llama/Qwen2-style config.json) use import_official(path, "
                               "target_cfg=...)")
     cfg = DraftConfig.from_dict(raw, source=src)
     _validate(cfg, src)
@@ -242,7 +254,11 @@ def load_draft(path, *, dtype=jnp.float32, target_cfg=None) -> SparrowDraft:
     return _fill(cfg, _read_tensors(d), d, dtype)
 
 
-# -------------------------------------------------------------------------------------- EAGLE layout
+# ---------------------------------------------------------------------------- official layouts
+
+class DraftFormatError(ValueError):
+    """A draft that cannot be written in the requested official format without changing what it computes."""
+
 
 def _strip_prefix(tensors: dict, d: Path) -> dict:
     out = {}
@@ -254,8 +270,39 @@ def _strip_prefix(tensors: dict, d: Path) -> dict:
     return out
 
 
-def _eagle_config(raw: dict, tensors: dict, target_cfg, src: str) -> tuple[DraftConfig, bool]:
-    """Llama/Qwen2-like EAGLE config.json -> (DraftConfig, fc_has_bias)."""
+def _official_format(raw: dict, files: dict[str, Path], d: Path) -> str:
+    """'sparrow' or 'eagle2' from the (prefix-stripped) key names, checked against config.json's FORMAT_KEY."""
+    eagle3 = sorted(k for k in files if k.startswith("midlayer.") or k in ("d2t", "t2d"))
+    if eagle3:
+        raise CheckpointError(f"{d}: looks like an EAGLE-3 draft (keys {_list(eagle3)}); EAGLE-3 (fused "
+                              "multi-layer features, own vocab mapping) is not supported, only the EAGLE-2 and "
+                              "Sparrow layouts")
+    if OURS_NORM in files:
+        raise CheckpointError(f"{files[OURS_NORM]}: key {OURS_NORM} is sparrow-jax's internal name; in the official "
+                              f"Sparrow layout the embedding norm is {SPARROW_NORM} (rename the key, or re-export "
+                              "with export_official(format='sparrow'))")
+    fmt = "sparrow" if SPARROW_NORM in files else "eagle2"
+    declared = raw.get(FORMAT_KEY)
+    if declared is not None and declared != fmt:
+        has = "has" if fmt == "sparrow" else "has no"
+        raise CheckpointError(f"{d / 'config.json'}: {FORMAT_KEY} is {declared!r}, but the weights are the {fmt} "
+                              f"layout (the file {has} top-level {SPARROW_NORM})")
+    return fmt
+
+
+def detect_format(path) -> str:
+    """'ours' (save_draft), 'sparrow' (official Sparrow) or 'eagle2' (official EAGLE-2), from config.json and the
+    tensor names (no tensor is read)."""
+    d = Path(path)
+    _check_dir(d)
+    raw = _read_config(d)
+    if raw.get("model_type") == "sparrow_draft":
+        return "ours"
+    return _official_format(raw, _strip_prefix(_weight_files(d), d), d)
+
+
+def _official_config(raw: dict, tensors: dict, target_cfg, src: str, normalize: bool) -> tuple[DraftConfig, bool]:
+    """Llama/Qwen2-like official config.json -> (DraftConfig, fc_has_bias), read as their code reads it."""
     missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads") if k not in raw]
     if missing:
         raise DraftConfigError(f"{src}: missing field(s) {missing}")
@@ -266,48 +313,48 @@ def _eagle_config(raw: dict, tensors: dict, target_cfg, src: str) -> tuple[Draft
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in (None, "default"):
         raise DraftConfigError(f"{src}: RoPE type {rope_type!r} is not supported (only plain/default RoPE)")
-    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))  # HF Llama/Qwen2 default
+    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))  # their LlamaRotaryEmbedding's default base
     head_dim = raw.get("head_dim")
     if head_dim is not None and int(head_dim) * nh != H:
         raise DraftConfigError(f"{src}: head_dim {head_dim} x num_attention_heads {nh} != hidden_size {H}; "
                                "drafts with a decoupled head_dim are not supported")
-    layers = raw.get("num_hidden_layers", 1)
     if "qkv_bias" in raw:  # EAGLE's own key for the q/k/v bias
         qkv_bias = bool(raw["qkv_bias"])
-    else:  # Llama configs have none and no bias; Qwen2 configs imply it: trust the tensors
+    else:
         qkv_bias = "layers.0.self_attn.q_proj.bias" in tensors
-    norm_keys = [k for k in EMBED_NORM_ALIASES if k in tensors]
-    if len(norm_keys) > 1:
-        raise CheckpointError(f"{src}: several embedding-norm weights {norm_keys}; expected at most one")
-    normalize = bool(raw.get("sparrow_normalize_embeddings", bool(norm_keys)))
+        if qkv_bias:  # their code checks hasattr(config, "qkv_bias") and would drop these biases
+            warnings.warn(f"{src}: no qkv_bias key but the weights have q/k/v biases; they are used here, while the "
+                          "official EAGLE/Sparrow code builds q/k/v without bias for this config and ignores them",
+                          stacklevel=3)
     vocab = raw.get("vocab_size", target_cfg.text.vocab_size)
     try:
         cfg = DraftConfig(
             hidden_size=H, intermediate_size=int(raw["intermediate_size"]), num_attention_heads=nh,
             num_key_value_heads=int(raw.get("num_key_value_heads") or nh), vocab_size=int(vocab),
-            num_layers=int(layers), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            hidden_act=raw.get("hidden_act", "silu"), qkv_bias=qkv_bias, normalize_embeddings=normalize,
-            family="qwen2")  # EAGLE's Llama layer == the Qwen2 layer up to the q/k/v bias, decided above
+            num_layers=int(raw.get("num_hidden_layers", 1)), rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta), hidden_act=raw.get("hidden_act", "silu"), qkv_bias=qkv_bias,
+            normalize_embeddings=normalize,
+            family="qwen2")  # their Llama layer == the Qwen2 layer up to the q/k/v bias, decided above
     except (TypeError, ValueError) as e:
         raise DraftConfigError(f"{src}: {e}") from None
-    return cfg, bool(raw.get("bias", True))  # EAGLE: `bias` is the fc bias, default true
+    return cfg, bool(raw.get("bias", True))  # EAGLE/Sparrow: `bias` is the fc bias, default true
 
 
-def import_eagle(path, *, target_cfg, dtype=jnp.float32, target_embedding=None) -> SparrowDraft:
-    """Read an EAGLE-1/2-layout draft (also the layout of Sparrow/ViSpec releases) for `target_cfg`.
+def import_official(path, *, target_cfg, dtype=jnp.float32, target_embedding=None) -> SparrowDraft:
+    """Read an official EAGLE-2 or Sparrow draft (format detected, see `detect_format`) for `target_cfg`;
+    a directory in our own format is passed to `load_draft`.
 
     * Key prefix `model.` is stripped.
+    * Sparrow's `input_layernorm.weight` becomes our `embed_norm.weight` (normalize_embeddings=True); an
+      EAGLE-2 draft has no embedding norm (normalize_embeddings=False).
     * `embed_tokens.weight` / `lm_head.weight`, when present, must have the target's [vocab, hidden] shape;
       their values are NOT used: the draft shares the target's embedding and head (the engine passes
       embeddings in and applies the target's head). Pass `target_embedding` ([V, D] array) to get a
       warning when the stored embedding differs from the target's (a draft trained for another model).
-    * The embedding RMSNorm may be stored under any of EMBED_NORM_ALIASES; without one the draft feeds e_t
-      raw into fc (EAGLE-1 behaviour, normalize_embeddings=False). `sparrow_normalize_embeddings` in
-      config.json, when present, makes the choice explicit (and a missing/extra norm weight an error).
-    * `layers.0.input_layernorm.weight` is accepted only if all ones: EAGLE's first layer applies no input
+    * `layers.0.input_layernorm.weight` is accepted only if all ones: their first layer applies no input
       norm, so an all-ones weight is an untrained leftover of a converter that built a standard layer;
       any other value means the layer used it, which this architecture cannot represent.
-    * `bias: false` (EAGLE's fc without bias) loads as a zero fc bias.
+    * `bias: false` (their fc without bias) loads as a zero fc bias.
     * The draft's vocab is the target's; a config `vocab_size` that differs is refused (check_fits).
     """
     d = Path(path)
@@ -317,12 +364,8 @@ def import_eagle(path, *, target_cfg, dtype=jnp.float32, target_embedding=None) 
     if raw.get("model_type") == "sparrow_draft":  # our own format: same tensors, exact config
         return load_draft(d, dtype=dtype, target_cfg=target_cfg)
     tensors = _strip_prefix(_read_tensors(d), d)
-    eagle3 = sorted(k for k in tensors if k.startswith("midlayer.") or k in ("d2t", "t2d"))
-    if eagle3:
-        raise CheckpointError(f"{d}: looks like an EAGLE-3 draft (keys {_list(eagle3)}); EAGLE-3 (fused "
-                              "multi-layer features, own vocab mapping) is not supported, only the EAGLE-1/2 / "
-                              "Sparrow layout")
-    cfg, fc_bias = _eagle_config(raw, tensors, target_cfg, src)
+    fmt = _official_format(raw, {k: f for k, (_, f) in tensors.items()}, d)
+    cfg, fc_bias = _official_config(raw, tensors, target_cfg, src, normalize=fmt == "sparrow")
     _validate(cfg, src)
     cfg.check_fits(target_cfg, source=str(d))
     t = target_cfg.text
@@ -340,13 +383,8 @@ def import_eagle(path, *, target_cfg, dtype=jnp.float32, target_embedding=None) 
                     warnings.warn(f"{f}: embed_tokens.weight differs from the target's embedding (max |diff| "
                                   f"{diff:.3g}); the draft may have been trained for another model. The target's "
                                   "embedding is used.", stacklevel=2)
-
-    norm_keys = [k for k in EMBED_NORM_ALIASES if k in tensors]
-    if cfg.normalize_embeddings and norm_keys:
-        tensors["embed_norm.weight"] = tensors.pop(norm_keys[0])
-    elif not cfg.normalize_embeddings and norm_keys:
-        raise CheckpointError(f"{d}: unexpected weight key {norm_keys[0]} (config.json sets "
-                              "sparrow_normalize_embeddings=false)")
+    if fmt == "sparrow":
+        tensors[OURS_NORM] = tensors.pop(SPARROW_NORM)
 
     if "layers.0.input_layernorm.weight" in tensors:
         w, f = tensors.pop("layers.0.input_layernorm.weight")
@@ -366,21 +404,52 @@ def import_eagle(path, *, target_cfg, dtype=jnp.float32, target_embedding=None) 
     return _fill(cfg, tensors, d, dtype)
 
 
-def export_eagle(draft: SparrowDraft, path, *, embed_tokens=None) -> None:
-    """Write the EAGLE layout: a Qwen2Config-like config.json (+ EAGLE's `bias` = fc bias, `qkv_bias`,
-    `sparrow_normalize_embeddings`) and model.safetensors with EAGLE names (embedding norm, when used, as
-    `embed_norm.weight`). `embed_tokens` ([V, D], the target's embedding) is optional: EAGLE code loads
-    it from the base model, but some loaders expect it in the draft file."""
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
+import_eagle = import_official  # former name, kept for callers (decode.py)
+
+
+def target_embedding(target) -> np.ndarray:
+    """The target's input embedding table [V, D] (what `export_official` needs), through the family's `embed`."""
+    V = target.cfg.text.vocab_size
+    return np.asarray(target.embed(jnp.arange(V, dtype=jnp.int32)[None]))[0]
+
+
+def export_official(draft: SparrowDraft, path, *, format: str, embed_tokens, force: bool = False) -> None:
+    """Write `draft` in an official layout (`format` "sparrow" or "eagle2", see the module docstring) that the
+    official loader consumes completely: model.safetensors with exactly their module's parameter names,
+    `embed_tokens.weight` included, and a config.json their EConfig reads (+ FORMAT_KEY, `sparrow_family`).
+
+    `embed_tokens`: the target's input embedding [V, D] (our draft shares it; Sparrow's loader takes it from
+    the file only). A draft whose embedding norm the format cannot express (a normed draft as "eagle2", an
+    unnormed one as "sparrow") raises DraftFormatError; `force=True` writes it anyway (norm dropped, resp.
+    an all-ones norm added) with a warning, and the official code then computes something else."""
+    if format not in OFFICIAL_FORMATS:
+        raise ValueError(f"format {format!r}: expected one of {OFFICIAL_FORMATS} (our own format: save_draft)")
     cfg = draft.cfg
+    if embed_tokens is None:
+        raise ValueError("embed_tokens is required: pass the target's input embedding [vocab, hidden]")
+    e = np.asarray(embed_tokens)
+    if e.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise ValueError(f"embed_tokens has shape {e.shape}, expected the target's {(cfg.vocab_size, cfg.hidden_size)}")
     tensors = draft_tensors(draft)
-    dt = _dtype_name(tensors)
-    if embed_tokens is not None:
-        e = np.ascontiguousarray(np.asarray(embed_tokens))
-        if e.shape != (cfg.vocab_size, cfg.hidden_size):
-            raise ValueError(f"embed_tokens has shape {e.shape}, expected {(cfg.vocab_size, cfg.hidden_size)}")
-        tensors["embed_tokens.weight"] = e
+    dt = tensors["fc.weight"].dtype
+    norm = tensors.pop(OURS_NORM, None)
+    problem = None
+    if format == "eagle2" and norm is not None:
+        problem = ("EAGLE-2's draft (eagle/model/cnets1.py) feeds e_t into fc without a norm, but this draft was "
+                   "trained with RMSNorm(e_t) (normalize_embeddings=True)")
+    elif format == "sparrow" and norm is None:
+        problem = ("Sparrow's draft (sparrow/model/cnets_sparrow.py) always applies RMSNorm (input_layernorm) to "
+                   "e_t, but this draft feeds e_t raw (normalize_embeddings=False)")
+    if problem and not force:
+        raise DraftFormatError(f"cannot export to {path} as {format!r}: {problem}. Use "
+                               f"format={'sparrow' if format == 'eagle2' else 'eagle2'!r} or save_draft, or pass "
+                               "force=True to write it anyway (outputs will differ)")
+    if problem:
+        warnings.warn(f"{path}: exported as {format!r} although {problem}; the official code will compute "
+                      "something else than this draft", stacklevel=2)
+    if format == "sparrow":
+        tensors[SPARROW_NORM] = norm if norm is not None else np.ones((cfg.hidden_size,), dt)
+    tensors["embed_tokens.weight"] = np.ascontiguousarray(e.astype(dt))
     hf = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -391,17 +460,19 @@ def export_eagle(draft: SparrowDraft, path, *, embed_tokens=None) -> None:
         "num_hidden_layers": cfg.num_layers,
         "head_dim": cfg.head_dim,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta,  # transformers 4.x (their pin) keeps this attribute as is
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x readers
         "vocab_size": cfg.vocab_size,
         "hidden_act": cfg.hidden_act,
-        "bias": True,  # EAGLE: fc bias (ours always has one)
-        "qkv_bias": cfg.qkv_bias,
+        "bias": True,  # EAGLE/Sparrow: fc bias (ours always has one)
+        "qkv_bias": cfg.qkv_bias,  # must be present: without it their attention has no q/k/v bias
         "attention_bias": False,
         "tie_word_embeddings": False,
-        "torch_dtype": dt,
-        "sparrow_normalize_embeddings": cfg.normalize_embeddings,
+        "torch_dtype": str(dt),
+        FORMAT_KEY: format,
         "sparrow_family": cfg.family,
     }
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(hf, indent=2))
     _write_weights(d, tensors)
