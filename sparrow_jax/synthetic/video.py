@@ -5,6 +5,8 @@ read without any download."""
 from __future__ import annotations
 
 import dataclasses
+import io
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -52,19 +54,38 @@ def render_frames(objects, *, num_frames: int, fps: float, height: int, width: i
     return frames
 
 
-def write_video(path, frames_THW3: np.ndarray, fps: float = 8, codec: str = "mpeg4") -> Path:
-    """Encode uint8 RGB frames to `path` (container from the suffix: .mp4/.mkv/.webm)."""
-    path = Path(path)
+def _encode(target, frames_THW3: np.ndarray, fps: float, codec: str, options: dict | None, fmt: str | None) -> None:
     T, H, W, _ = frames_THW3.shape
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=int(fps))
+    with av.open(target, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000), options=options or {})
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         for f in frames_THW3:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def write_video(path, frames_THW3: np.ndarray, fps: float = 8, codec: str = "mpeg4",
+                options: dict | None = None) -> Path:
+    """Encode uint8 RGB frames to `path` (container from the suffix: .mp4/.mkv/.webm); `options` are
+    the encoder's (e.g. {"crf": "18"} for libx264)."""
+    path = Path(path)
+    _encode(str(path), frames_THW3, fps, codec, options, None)
     return path
+
+
+def codec_roundtrip(frames_THW3: np.ndarray, fps: float, codec: str = "mpeg4", options: dict | None = None) -> np.ndarray:
+    """Frames after an in-memory mp4 encode + decode with the same settings as `write_video` (what a
+    model reading the file sees), without touching the disk."""
+    buf = io.BytesIO()
+    _encode(buf, frames_THW3, fps, codec, options, "mp4")
+    buf.seek(0)
+    with av.open(buf, "r") as container:
+        out = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    if out.shape != frames_THW3.shape:
+        raise ValueError(f"codec round trip changed the frames' shape {frames_THW3.shape} -> {out.shape}")
+    return out
 
 
 def demo_video(path, *, seed: int = 0, seconds: float = 4.0, fps: float = 8, height: int = 224, width: int = 224):

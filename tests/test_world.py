@@ -1,0 +1,188 @@
+"""The tiny video world: scenes are deterministic and well formed, frames show what the graph says,
+captions/QA and the scorer agree with the graph, the mp4 reads back through the inference path with
+the expected frame and token counts, and the long lengths reach their token counts."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from sparrow_jax.io.vision_inputs import preprocess_video, read_video
+from sparrow_jax.synthetic import world as W
+
+CFG = W.WorldConfig()
+DURATIONS = (4, 8, 64, 1024)
+
+
+def _scenes(n=25, durations=DURATIONS, split="train"):
+    return [W.make_scene(s, d) for s in W.split_seeds(split, n) for d in durations]
+
+
+def test_scene_and_frames_deterministic_by_seed():
+    a, b = W.make_scene(5, 16), W.make_scene(5, 16)
+    assert a == b and W.caption(a, 3) == W.caption(b, 3) and W.scene_qa(a, 2) == W.scene_qa(b, 2)
+    assert np.array_equal(W.render(a), W.render(b))
+    assert W.make_scene(6, 16) != a and W.make_scene(5, 17).objects != a.objects
+
+
+def test_splits_disjoint():
+    ranges = {k: W.split_seeds(k, hi - lo) for k, (lo, hi) in W.SPLITS.items()}
+    for x, y in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert max(ranges[x].start, ranges[y].start) >= min(ranges[x].stop, ranges[y].stop)
+    train = {W.make_scene(s, 8) for s in W.split_seeds("train", 50)}
+    assert not train & {W.make_scene(s, 8) for s in W.split_seeds("test", 50)}
+    with pytest.raises(ValueError, match="validation"):
+        W.split_seeds("validation", 10, offset=W.SPLITS["validation"][1])
+
+
+def test_scene_graph_invariants():
+    for sc in _scenes():
+        D, names = sc.duration, [o.name for o in sc.objects]
+        assert len(set(names)) == len(names)
+        times = [e.time for e in sc.events]
+        assert times == sorted(set(times)) and 1 <= times[0] and times[-1] <= D - 1
+        assert times[-1] >= 0.75 * D  # something always happens late
+        assert len({(e.kind, e.value) for e in sc.events}) == len(sc.events)
+        for t in range(D + 1):
+            assert 1 <= len(sc.visible(t)) <= CFG.max_visible
+        if D >= 64:  # long videos: events in every quarter
+            assert {int(4 * t / D) for t in times} == {0, 1, 2, 3}
+
+
+def _packed(rgb):
+    rgb = np.asarray(rgb, np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def test_frames_show_the_scene_graph():
+    """Per frame: background = the graph's (times lighting), every foreground colour belongs to a
+    visible object, each visible object is seen; straight movers move the stated way."""
+    for sc in _scenes(6, (8, 64)):
+        frames = W.render(sc)
+        assert frames.shape == (CFG.num_frames(sc.duration), CFG.height, CFG.width, 3)
+        seen, due = {}, {}  # colour -> frames it shows in / frames an object of that colour is visible
+        for i, f in enumerate(frames):
+            t = i / CFG.fps
+            light = W.LIGHTING[sc.lighting_at(t)]
+            bg = (np.asarray(W.BACKGROUNDS[sc.background_at(t)]) * light).astype(np.uint8)
+            vals, counts = np.unique(_packed(f), return_counts=True)
+            assert vals[counts.argmax()] == _packed(bg)
+            allowed = {int(_packed((np.asarray(W.COLOURS[o.colour]) * light).astype(np.uint8))): o.colour
+                       for o in sc.visible(t)}
+            fg = set(vals.tolist()) - {int(_packed(bg))}
+            assert fg <= set(allowed), (sc.seed, t)
+            for c in set(allowed.values()):
+                due[c] = due.get(c, 0) + 1
+            for c in fg:
+                seen[allowed[c]] = seen.get(allowed[c], 0) + 1
+        assert all(seen.get(c, 0) >= 0.8 * n for c, n in due.items()), (sc.seed, seen, due)
+    # Direction of motion, from the pixels of a lone object.
+    for motion, axis, sign in (("left", 1, -1), ("right", 1, 1), ("up", 0, -1), ("down", 0, 1)):
+        o = W.WorldObject("red", "square", "large", motion, (0.5, 0.5), (0.0, 0.0), 0, 8)
+        v = [0.0, 0.0]
+        v[axis] = 0.1 * sign
+        sc = W.Scene(0, 8, (dataclasses.replace(o, velocity=tuple(v)),), "black", ())
+        f = W.render(sc)
+        pos = [np.nonzero((fr == W.COLOURS["red"]).all(-1))[axis].mean() for fr in f[:4]]
+        assert np.all(np.sign(np.diff(pos)) == sign), motion
+
+
+def test_captions_and_answers_score_one_against_their_scene():
+    others = _scenes(25, DURATIONS, "validation")
+    lower = []
+    for sc, other in zip(_scenes(), others):
+        for variant in (0, 1):
+            s = W.score_caption(sc, W.caption(sc, variant))
+            assert s["overall"] == 1.0 and all(v == 1.0 for v in s.values()), (sc.seed, s)
+            for k in ("object", "colour", "shape", "size", "motion", "count", "event", "time", "background"):
+                assert k in s
+            for qa in W.scene_qa(sc, variant):
+                assert W.score_answer(sc, qa, qa.answer) == 1.0, (sc.seed, qa)
+        lower.append(W.score_caption(sc, W.caption(other))["overall"])
+    assert max(lower) < 1.0 and np.mean(lower) < 0.6
+
+
+def test_scorer_penalises_wrong_and_reordered_text():
+    sc = next(s for s in _scenes(20, (64,)) if len(s.events) >= 4)
+    assert W.score_caption(sc, "")["overall"] == 0.0
+    sents = W._sentences(W.caption(sc))
+    events = [i for i, s in enumerate(sents) if W.parse_text(s)["events"]]
+    swapped = list(sents)
+    swapped[events[0]], swapped[events[-1]] = sents[events[-1]], sents[events[0]]
+    assert W.score_caption(sc, " ".join(swapped))["order"] < 1.0
+    o = sc.objects[0]
+    wrong_motion = next(m for m in W.MOTIONS if m != o.motion)
+    qa = next(q for q in W.scene_qa(sc) if q.kind == "motion" and o.name in q.question)
+    assert W.score_answer(sc, qa, W._MOTION_ANSWER[wrong_motion]) == 0.0
+    count = next(q for q in W.scene_qa(sc) if q.kind == "count")
+    assert W.score_answer(sc, count, f"{count.value + 1} objects.") == 0.0
+
+
+def test_mp4_reads_back_through_the_inference_path(tmp_path):
+    sc = W.make_scene(W.split_seeds("test", 1)[0], 8)
+    frames = W.render(sc)
+    path = W.write_scene_video(sc, tmp_path / "scene.mp4")
+    video = read_video(path, CFG.vision_config())
+    assert video.total_frames == len(frames) == CFG.num_frames(8) and len(video.frames) == len(frames)
+    vis = preprocess_video(path, CFG.vision_config())
+    assert vis.num_tokens == CFG.visual_tokens(8) == 128 and vis.grid_thw == (8, 8, 8)
+    assert vis.second_per_grid_t == pytest.approx(2 / CFG.fps)
+    same = W.visual_from_frames(frames, roundtrip=True)  # training's path == the file's, bit for bit
+    assert same.grid_thw == vis.grid_thw and same.second_per_grid_t == vis.second_per_grid_t
+    np.testing.assert_array_equal(same.pixel_values, vis.pixel_values)
+    raw = W.visual_from_frames(frames, roundtrip=False)  # codec error is small at crf 18
+    assert np.abs(raw.pixel_values - vis.pixel_values).mean() < 0.05
+
+
+def test_token_arithmetic_and_long_lengths():
+    for d in (4, 8, 20):
+        assert W.visual_from_frames(W.render(W.make_scene(1, d))).num_tokens == CFG.visual_tokens(d)
+    assert CFG.visual_tokens(W.LENGTHS["16k"]) >= 16384 and CFG.visual_tokens(W.LENGTHS["25k"]) >= 25000
+    for name, d in W.LENGTHS.items():
+        if name != "short":
+            want = int(float(name[:-1]) * 1024)
+            assert CFG.duration_for_tokens(want) == d and CFG.visual_tokens(d) >= want
+    small = W.WorldConfig(height=56, width=56)
+    assert small.visual_tokens(small.duration_for_tokens(16384)) >= 16384
+    sc = W.make_scene(3, W.LENGTHS["16k"])  # a long scene (not rendered): late events carry answers
+    late = [e for e in sc.events if e.time >= 0.75 * sc.duration]
+    assert late and any(q.kind == "event" and q.value == (late[-1].kind, late[-1].value) for q in W.scene_qa(sc))
+
+
+def test_ablations():
+    f = W.render(W.make_scene(2, 8))
+    assert not W.ablate(f, "blank").any() and W.ablate(f, "real") is f
+    s = W.ablate(f, "shuffled", seed=1)
+    pairs = lambda x: [x[i:i + 2].tobytes() for i in range(0, len(x), 2)]  # noqa: E731
+    assert sorted(pairs(s)) == sorted(pairs(f)) and pairs(s) != pairs(f)
+    with pytest.raises(ValueError, match="reversed"):
+        W.ablate(f, "reversed")
+
+
+def test_dataset_items_are_deterministic_and_shaped():
+    from sparrow_jax.io.text import ByteCodec, QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX
+    from sparrow_jax.io.vision_inputs import VisionTokenIds
+
+    class Codec(ByteCodec):  # bytes + one id for <|im_end|>
+        def encode(self, text):
+            parts = text.split("<|im_end|>")
+            out = super().encode(parts[0])
+            for p in parts[1:]:
+                out += [300] + super().encode(p)
+            return out
+
+    ids = VisionTokenIds(301, 302, 303, 304)
+    ds = W.WorldDataset(Codec(400), ids, 6, durations=(4, 8), seed=3, roundtrip=False)
+    a, b = ds[2], ds[2]
+    np.testing.assert_array_equal(a.prompt.input_ids, b.prompt.input_ids)
+    assert a.response == b.response and a.response[-1] == 300
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item.prompt.visuals[0].grid_thw == ds.grid(i)
+        n = item.prompt.visuals[0].num_tokens
+        assert (item.prompt.input_ids == 304).sum() == n
+        scene, qa = ds.spec(i)
+        text = Codec(400).decode([t for t in item.prompt.input_ids if t < 300])
+        assert text == (QWEN_USER_PREFIX + qa.question + QWEN_ASSISTANT_PREFIX).replace("<|im_end|>", "")
+    with pytest.raises(IndexError):
+        ds[6]
