@@ -13,11 +13,16 @@ Modes: `ar` (target alone, the baseline), `sparrow` (text-only draft: VATA + HSR
 (MSD-style draft that keeps every visual position), `pruned_visual` (SpecVLM-style: a fraction of the
 visual positions). Without --draft a random draft is used: output stays exactly the target's (the
 verifier guarantees it) but few drafts are accepted. --compare-ar runs AR too and prints DSR/ESR.
+
+Trees use EAGLE-2's / the released Sparrow code's notation TOTAL-DEPTH-TOPK (`total_token`, `depth`,
+`top_k`): TOTAL nodes verified, root included; DEPTH expansion steps after the first, so a path holds
+up to DEPTH + 1 draft tokens (48-5-10: up to 6); TOPK children per expanded node.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,13 +57,22 @@ def parse_args(argv=None):
     gen.add_argument("--mode", choices=["ar", "sparrow", "full_visual", "pruned_visual"], default="sparrow",
                      help="decoding mode (sparrow = text-only draft)")
     gen.add_argument("--draft", help="draft checkpoint directory (ours or EAGLE format); default: random draft")
-    gen.add_argument("--tree", default="48-5-10", help="TOTAL-DEPTH-TOPK (depth = max draft tokens on a path), "
-                     "or chainD; paper: Qwen2.5-VL 48-5-10, LLaVA-OV 30-4-8")
+    gen.add_argument("--tree", default="48-5-10",
+                     help="draft tree TOTAL-DEPTH-TOPK in EAGLE-2's notation: TOTAL nodes verified (root included), "
+                     "DEPTH expansion steps after the first (a path holds up to DEPTH+1 draft tokens), TOPK children "
+                     "per node; or chainN (N draft tokens, top-1). Paper: Qwen2.5-VL 48-5-10, LLaVA-OV 30-4-8")
+    gen.add_argument("--m-star", type=int, default=None,
+                     help="bridge layer m*: the target hidden state after decoder layer m* (HF hidden_states[m*]); "
+                     "default num_layers // 2 + 1, i.e. 15 of 28 as the released Sparrow code's hidden_states[-14]")
     gen.add_argument("--keep-fraction", type=float, default=0.25, help="pruned_visual: visual positions kept")
     gen.add_argument("--prune-by", choices=["uniform", "attention"], default="uniform",
                      help="pruned_visual: evenly spaced, or most attended by the last prompt token at layer m*")
-    gen.add_argument("--compare-ar", action="store_true", help="also run AR; print DSR/ESR (runs are warmed up, "
-                     "timed without streaming)")
+    gen.add_argument("--compare-ar", action="store_true",
+                     help="also run AR with the same cache capacity and print DSR/ESR: one warm-up run each, then the "
+                     "median of --repeats timed runs each (alternating, no streaming). Greedy outputs must be "
+                     "identical: otherwise the first mismatch is printed and decode.py exits 1; under sampling "
+                     "(different draws of the same law) only the timings are printed")
+    gen.add_argument("--repeats", type=int, default=3, help="--compare-ar: timed runs per decoder (median reported)")
     gen.add_argument("--no-stream", action="store_true", help="do not print tokens as they are committed")
     gen.add_argument("--profile", action="store_true", help="also time one round's draft phase and verify phase "
                      "separately (the fused loop cannot report the split)")
@@ -129,6 +143,17 @@ def build_prompts(args, cfg, codec, workdir):
     return prompts_text, out
 
 
+def first_mismatch(tokens_a, n_a, tokens_b, n_b):
+    """First position where two runs' outputs differ: (row, position, token_a, token_b), a token being
+    None where that run had already stopped; None when every row is identical."""
+    for b in range(len(n_a)):
+        a, c = list(tokens_a[b, :n_a[b]]), list(tokens_b[b, :n_b[b]])
+        if a != c:
+            i = next((j for j, (x, y) in enumerate(zip(a, c)) if x != y), min(len(a), len(c)))
+            return b, i, (int(a[i]) if i < len(a) else None), (int(c[i]) if i < len(c) else None)
+    return None
+
+
 class StreamPrinter:
     """Host hook for the jitted loops: prints each row's newly committed tokens."""
 
@@ -172,6 +197,8 @@ def main(argv=None):
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
         tree = TreeSpec.parse(args.tree)
+        if args.repeats < 1:
+            raise ValueError(f"--repeats {args.repeats}: need at least 1 timed run")
         if args.target:
             model = registry.load_target(args.target, dtype=dtype)
             source = args.target
@@ -180,6 +207,9 @@ def main(argv=None):
             model = registry.build_target(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
             source = f"random init of {args.config} (no trained weights shipped yet)"
         cfg = model.cfg
+        m_star = tg.default_m_star(cfg.num_layers) if args.m_star is None else args.m_star
+        if not 0 < m_star < cfg.num_layers:
+            raise ValueError(f"--m-star {m_star}: must be inside the target's decoder stack (1..{cfg.num_layers - 1})")
         draft, draft_source = None, None
         if visual_mode is not None or args.compare_ar:
             if args.draft:
@@ -202,14 +232,18 @@ def main(argv=None):
     stream = None if (args.no_stream or args.compare_ar) else StreamPrinter(codec, B)
     eos = tuple(cfg.eos_token_ids)
     key = jax.random.key(args.seed)
+    # Built once: AR and speculative runs share its cache capacity rule (cache_capacity + cache_slack).
+    ecfg = E.EngineConfig(tree=tree, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
+                          impl=args.attention)
 
     def run_ar(on_emit=None):
         t0 = time.perf_counter()
         batch = registry.prepare_batch_for(cfg)(prompts, cfg)
         tg.check_context(batch, cfg.text, args.max_new_tokens)
         T = batch.input_ids_BT.shape[1]
-        pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, args.max_new_tokens),
-                                               m_star=cfg.num_layers // 2, impl=args.attention))
+        capacity = cache_capacity(T, args.max_new_tokens, ecfg.cache_slack)
+        pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=capacity, m_star=m_star,
+                                               impl=args.attention))
         t1 = time.perf_counter()
         res = jax.block_until_ready(ar_generate(tgraph, tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
                                                 max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
@@ -219,29 +253,41 @@ def main(argv=None):
                     decode_s=t2 - t1, batch=batch)
 
     def run_spec(on_emit=None):
-        ecfg = E.EngineConfig(tree=tree, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
-                              impl=args.attention, on_emit=on_emit)
+        run_cfg = dataclasses.replace(ecfg, on_emit=on_emit)
         dgraph, dparams = nnx.split(draft)
         t0 = time.perf_counter()
-        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
-                      prune_by=args.prune_by)
+        p = E.prepare(model, draft, prompts, run_cfg, mode=visual_mode, keep_fraction=args.keep_fraction,
+                      prune_by=args.prune_by, m_star=m_star)
         jax.block_until_ready((p.pre, p.dcache))
         t1 = time.perf_counter()
         res = jax.block_until_ready(E.speculative_generate(
             tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV, p.pre.last_hidden_BD,
-            p.pre.rope_delta_B, key, cfg=ecfg))
+            p.pre.rope_delta_B, key, cfg=run_cfg))
         t2 = time.perf_counter()
         return dict(tokens=np.asarray(res.tokens_BM), n=np.asarray(res.num_tokens_B), prefill_s=t1 - t0,
-                    decode_s=t2 - t1, batch=p.batch, accepted=np.asarray(res.accepted_BR), ecfg=ecfg)
+                    decode_s=t2 - t1, batch=p.batch, accepted=np.asarray(res.accepted_BR),
+                    cut=np.asarray(res.cut_BR))
+
+    def median_of(results):
+        """The last run's outputs with the median prefill and decode times of all runs."""
+        out = dict(results[-1])
+        for k in ("prefill_s", "decode_s"):
+            out[k + "_runs"] = [r[k] for r in results]
+            out[k] = float(np.median(out[k + "_runs"]))
+        return out
 
     runs = {}
     try:
         if args.compare_ar:
-            print("[decode] warm-up runs (compilation) ...", flush=True)
-            run_ar(), run_spec()
-            runs["ar"], runs["spec"] = run_ar(), run_spec()
-            if visual_mode is None:
-                runs.pop("spec")
+            print(f"[decode] warm-up runs (compilation), then {args.repeats} timed run(s) each ...", flush=True)
+            runners = {"ar": run_ar, "spec": run_spec} if visual_mode else {"ar": run_ar}
+            for run in runners.values():
+                run()
+            timed = {name: [] for name in runners}
+            for _ in range(args.repeats):  # alternating: machine noise hits both alike
+                for name, run in runners.items():
+                    timed[name].append(run())
+            runs = {name: median_of(rs) for name, rs in timed.items()}
         elif visual_mode is None:
             runs["ar"] = run_ar(stream)
         else:
@@ -253,34 +299,49 @@ def main(argv=None):
     main_run = runs.get("spec", runs.get("ar"))
     batch = main_run["batch"]
     record = {"mode": args.mode, "target": source, "draft": draft_source, "tree": str(tree) if visual_mode else None,
+              "max_draft_tokens": tree.max_draft_tokens if visual_mode else None, "m_star": m_star,
               "batch": B, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
               "prefill_s": main_run["prefill_s"], "decode_s": main_run["decode_s"],
-              "first_call_includes_compile": not args.compare_ar}
+              "timed_runs": args.repeats if args.compare_ar else 1, "first_call_includes_compile": not args.compare_ar}
     print(f"[decode] prompt bucket {batch.input_ids_BT.shape[1]} tokens; prefill {main_run['prefill_s']:.2f}s, "
           f"decode {main_run['decode_s']:.2f}s ({int(main_run['n'].sum())} tokens"
-          f"{'; first call includes compilation' if not args.compare_ar else ''})")
+          f"{'; first call includes compilation' if not args.compare_ar else f'; median of {args.repeats} runs'})")
     if "spec" in runs:
-        acc = acceptance_summary(runs["spec"]["accepted"], tree.depth)
+        acc = acceptance_summary(runs["spec"]["accepted"], tree.max_draft_tokens, runs["spec"]["cut"])
         record.update(acc)
         print(f"[decode] tau {acc['tau']:.2f} over {acc['rounds']} rounds; acceptance per depth "
               f"{acc['acceptance_per_depth']}")
     if "spec" in runs and args.profile:
-        p = E.prepare(model, draft, prompts, runs["spec"]["ecfg"], mode=visual_mode, keep_fraction=args.keep_fraction,
-                      prune_by=args.prune_by)
-        split = E.profile_phases(model, draft, p, runs["spec"]["ecfg"])
+        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
+                      prune_by=args.prune_by, m_star=m_star)
+        split = E.profile_phases(model, draft, p, ecfg)
         record.update(split)
         print(f"[decode] per round: draft {split['draft_s_per_round'] * 1e3:.2f} ms, verify "
               f"{split['verify_s_per_round'] * 1e3:.2f} ms")
+    failure = None
     if "spec" in runs and "ar" in runs:
-        same = all(runs["spec"]["tokens"][b, :runs["spec"]["n"][b]].tolist() ==
-                   runs["ar"]["tokens"][b, :runs["ar"]["n"][b]].tolist() for b in range(B))
-        sp = speed_summary(ar_prefill_s=runs["ar"]["prefill_s"], ar_decode_s=runs["ar"]["decode_s"],
-                           spec_prefill_s=runs["spec"]["prefill_s"], spec_decode_s=runs["spec"]["decode_s"])
-        record.update(sp, ar_prefill_s=runs["ar"]["prefill_s"], ar_decode_s=runs["ar"]["decode_s"],
-                      outputs_identical_to_ar=same)
-        print(f"[decode] AR prefill {runs['ar']['prefill_s']:.2f}s decode {runs['ar']['decode_s']:.2f}s -> "
-              f"DSR {sp['DSR']:.2f}, ESR {sp['ESR']:.2f}, prefill share {sp['prefill_share_spec']:.1%}; "
-              f"outputs identical to AR: {same}" + ("" if sampling.greedy else " (sampling: same law, not same draws)"))
+        ar, spec = runs["ar"], runs["spec"]
+        diff = first_mismatch(spec["tokens"], spec["n"], ar["tokens"], ar["n"])
+        record.update(ar_prefill_s=ar["prefill_s"], ar_decode_s=ar["decode_s"], outputs_identical_to_ar=diff is None)
+        timings = (f"AR prefill {ar['prefill_s']:.2f}s decode {ar['decode_s']:.2f}s ({int(ar['n'].sum())} tokens), "
+                   f"speculative prefill {spec['prefill_s']:.2f}s decode {spec['decode_s']:.2f}s "
+                   f"({int(spec['n'].sum())} tokens)")
+        if diff is None:
+            sp = speed_summary(ar_prefill_s=ar["prefill_s"], ar_decode_s=ar["decode_s"],
+                               spec_prefill_s=spec["prefill_s"], spec_decode_s=spec["decode_s"])
+            record.update(sp)
+            print(f"[decode] {timings} -> DSR {sp['DSR']:.2f}, ESR {sp['ESR']:.2f}, prefill share "
+                  f"{sp['prefill_share_spec']:.1%}; outputs identical to AR")
+        else:
+            row, pos, got, want = diff
+            record["first_mismatch"] = {"row": row, "position": pos, "speculative": got, "ar": want}
+            if sampling.greedy:
+                failure = (f"speculative output differs from AR at row {row}, position {pos}: speculative token "
+                           f"{got}, AR token {want} (None = that run had stopped); no DSR/ESR reported")
+                print(f"[decode] {timings}\n[decode] MISMATCH: {failure}")
+            else:
+                print(f"[decode] {timings}; sampling: AR and speculative outputs are different draws of the same "
+                      f"law, and DSR/ESR are defined on identical outputs, so none is reported")
     print(f"[decode] {DEFINITIONS}")
     for b, text in enumerate(texts):
         ids = main_run["tokens"][b, :main_run["n"][b]].tolist()
@@ -292,6 +353,8 @@ def main(argv=None):
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps({**record, "row": b, "prompt": text, "tokens": ids, "text": answer,
                                     "prompt_tokens": len(prompts[b].input_ids), "visual_tokens": nvis}) + "\n")
+    if failure is not None:
+        sys.exit(f"decode.py: error: {failure}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def main(argv=None):
     elif args.distributed:
         jax.distributed.initialize()
     from sparrow_jax.synthetic.samples import synthetic_samples  # noqa: PLC0415
+    from sparrow_jax.models.target import default_m_star  # noqa: PLC0415
     from sparrow_jax.training.features import extract_features  # noqa: PLC0415
     from sparrow_jax.training.trainer import Trainer, TrainConfig, load_target  # noqa: PLC0415
 
@@ -59,7 +60,8 @@ def main(argv=None):
     if args.extract_features:
         target = load_target(cfg)
         samples = synthetic_samples(target.cfg, n, seed=cfg.data_seed)
-        index = extract_features(target, samples, args.extract_features, m_star=cfg.m_star or target.cfg.num_layers // 2,
+        m_star = default_m_star(target.cfg.num_layers) if cfg.m_star is None else cfg.m_star
+        index = extract_features(target, samples, args.extract_features, m_star=m_star,
                                  regenerate=args.regenerate, progress=not args.no_progress)
         print(f"[train] {sum(s['records'] for s in index['shards'])} records in {len(index['shards'])} shards "
               f"-> {args.extract_features}")

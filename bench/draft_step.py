@@ -2,9 +2,10 @@
 `pruned_visual` drafts.
 
 One draft round is timed exactly as `engine.speculative_generate`'s loop body runs it: (1) the draft
-catch-up forward over a pending block of depth + 1 (token, target hidden) pairs, attending to the
-draft KV cache, committed with `kv_cache.commit`; (2) `engine.build_tree` (EAGLE-2 expansion, depth - 1
-draft forwards over top_k frontier nodes each, plus `select_tree`). Target verification is not part
+catch-up forward over a pending block of depth + 2 (token, target hidden) pairs (up to depth + 1
+accepted drafts + the bonus; EAGLE-2 tree notation, see decoding/tree.py), attending to the draft KV
+cache, committed with `kv_cache.commit`; (2) `engine.build_tree` (EAGLE-2 expansion: depth draft forwards
+over top_k frontier nodes each, plus `select_tree`). Target verification is not part
 of it: it is the same for every draft mode.
 
 Models are random (configs/tiny.json target, `Qwen25VL(cfg, rngs=nnx.Rngs(0))`; draft
@@ -15,7 +16,7 @@ from `engine.draft_positions` on a synthetic prompt (text halves around <vision_
   text_only     P = text + 2 markers              (independent of V)
   full_visual   P = text + 2 + V
   pruned_visual P = text + 2 + round(keep_fraction * V)
-capacity = bucket(bucket(P) + max_new_tokens + 2 * (depth + 1) + total_tokens).
+capacity = autoregressive.cache_capacity(bucket(P), max_new_tokens, EngineConfig.cache_slack).
 
 The cache is donated to the jitted round (as in the engine, where the while_loop updates it in place)
 and re-created from a template before every call, outside the timed region. Calls of all
@@ -62,10 +63,11 @@ def main(argv=None):
     ap.add_argument("--text-tokens", type=int, default=128, help="text tokens of the prompt (excl. vision markers)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--keep-fraction", type=float, default=0.25, help="visual tokens kept by pruned_visual")
-    ap.add_argument("--tree", default="48-5-10", help="TOTAL-DEPTH-TOPK (paper's Qwen2.5-VL setting: 48-5-10)")
+    ap.add_argument("--tree", default="48-5-10", help="TOTAL-DEPTH-TOPK in EAGLE-2's notation (paths hold up to "
+                    "DEPTH+1 drafts); paper's Qwen2.5-VL setting: 48-5-10")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--pending", type=int, default=None,
-                    help="pending pairs per row in the catch-up block (default depth + 1, the worst case)")
+                    help="pending pairs per row in the catch-up block (default depth + 2, the worst case)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="only sizes the cache capacity")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=50)
@@ -79,9 +81,9 @@ def main(argv=None):
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
+    from sparrow_jax.decoding.autoregressive import cache_capacity  # noqa: PLC0415
     from sparrow_jax.decoding.engine import EngineConfig, draft_phase, draft_positions  # noqa: PLC0415
     from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
-    from sparrow_jax.models import target as tg  # noqa: PLC0415
     from sparrow_jax.models.draft import DraftConfig, SparrowDraft  # noqa: PLC0415
     from sparrow_jax.models.kv_cache import KVCache  # noqa: PLC0415
     from sparrow_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig  # noqa: PLC0415
@@ -118,14 +120,13 @@ def main(argv=None):
     pend_tok = jax.random.randint(k1, (B, L), 0, cfg.text.vocab_size - 8, jnp.int32)
     pend_h = jax.random.normal(k2, (B, L, D), jnp.float32)
     pend_n = jnp.full((B,), pending, jnp.int32)
-    slack = 2 * L + spec.total_tokens
 
     cells = []
     for mode in args.modes:
         for V in sorted(args.visual_tokens):
             prompt = synthetic_prompt(args.text_tokens, V, cfg, rng)
             idx, dlen, _ = draft_positions([prompt] * B, mode, len(prompt.input_ids), args.keep_fraction)
-            capacity = tg.bucket(idx.shape[1] + args.max_new_tokens + slack)
+            capacity = cache_capacity(idx.shape[1], args.max_new_tokens, ecfg.cache_slack)
             shape = (B, capacity, dcfg.num_key_value_heads, dcfg.head_dim)
             ks, vs = [], []
             for _ in range(dcfg.num_layers):
@@ -184,7 +185,8 @@ def main(argv=None):
 
     common = {
         "bench": "draft_step", **env, "config": Path(args.config).name, "dtype": "float32", "impl": args.impl,
-        "tree": str(spec), "batch": B, "text_tokens": args.text_tokens, "pending": pending,
+        "tree": str(spec), "max_draft_tokens": spec.max_draft_tokens, "batch": B, "text_tokens": args.text_tokens,
+        "pending": pending,
         "keep_fraction": args.keep_fraction, "max_new_tokens": args.max_new_tokens, "donated": not args.no_donate,
         "warmup": args.warmup, "repeats": args.repeats,
         "draft": {"layers": dcfg.num_layers, "hidden": dcfg.hidden_size, "kv_heads": dcfg.num_key_value_heads,

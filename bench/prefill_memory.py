@@ -63,7 +63,8 @@ def main(argv=None):
     del pixels, visual, prompt
     T = batch.input_ids_BT.shape[1]
     rss_before = peak_rss_gib()
-    run = lambda: tg.prefill(graphdef, params, batch, capacity=T + 256, m_star=cfg.num_layers // 2)  # noqa: E731
+    m_star = tg.default_m_star(cfg.num_layers)
+    run = lambda: tg.prefill(graphdef, params, batch, capacity=T + 256, m_star=m_star)  # noqa: E731
     t0 = time.perf_counter()
     jax.block_until_ready(run())
     first = time.perf_counter() - t0

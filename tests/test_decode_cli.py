@@ -36,11 +36,11 @@ def test_sparrow_mode_with_compare_ar_writes_jsonl(files, capsys):
     out = d / "out.jsonl"
     decode.main(["--config", str(cfg), "--video", str(video), "--prompt", "What moves?", "--video", str(video),
                  "--prompt", "Colours?", "--max-pixels", str(56 * 56), "--max-new-tokens", "6", "--tree", "10-3-3",
-                 "--compare-ar", "--profile", "--jsonl", str(out)])
+                 "--compare-ar", "--repeats", "2", "--profile", "--jsonl", str(out)])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["row"] for r in rows] == [0, 1]
     for r in rows:
-        assert r["outputs_identical_to_ar"] is True
+        assert r["outputs_identical_to_ar"] is True and r["timed_runs"] == 2 and r["max_draft_tokens"] == 4
         assert r["mode"] == "sparrow" and r["visual_tokens"] > 0 and len(r["tokens"]) == 6
         assert r["tau"] >= 1.0 and r["DSR"] > 0 and r["ESR"] > 0
         assert r["draft_s_per_round"] > 0 and r["verify_s_per_round"] > 0
@@ -71,7 +71,49 @@ def test_draft_that_does_not_fit_is_refused(files):
 def test_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as e:
         decode.main(["--help"])
-    assert e.value.code == 0 and "--compare-ar" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--compare-ar" in out and "--repeats" in out and "--m-star" in out
+    assert "DEPTH+1 draft tokens" in " ".join(out.split()), "--help must state the EAGLE-2 tree notation"
+
+
+def test_first_mismatch():
+    import numpy as np
+
+    a = np.asarray([[1, 2, 3, 0], [4, 5, 6, 7]])
+    assert decode.first_mismatch(a, [3, 4], a.copy(), [3, 4]) is None
+    b = a.copy()
+    b[1, 2] = 9
+    assert decode.first_mismatch(a, [3, 4], b, [3, 4]) == (1, 2, 6, 9)
+    assert decode.first_mismatch(a, [3, 4], a, [2, 4]) == (0, 2, 3, None)  # one run stopped earlier
+
+
+def test_compare_ar_refuses_to_report_speedups_for_different_outputs(files, capsys, monkeypatch):
+    """A speculative run whose output differs from AR: the first mismatch is printed, no DSR/ESR, exit 1."""
+    import dataclasses
+
+    from sparrow_jax.decoding import engine as E
+
+    real = E.speculative_generate
+
+    def corrupted(*args, **kw):
+        res = real(*args, **kw)
+        return dataclasses.replace(res, tokens_BM=res.tokens_BM.at[0, 2].add(1))
+
+    monkeypatch.setattr(E, "speculative_generate", corrupted)
+    d, cfg, video = files
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--config", str(cfg), "--video", str(video), "--prompt", "What moves?", "--max-pixels",
+                     str(56 * 56), "--max-new-tokens", "4", "--tree", "10-3-3", "--compare-ar", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "row 0, position 2" in str(e.value) and "MISMATCH" in out
+    assert "-> DSR" not in out, "no speedup may be printed for different outputs"
+
+
+def test_m_star_outside_the_stack_is_refused(files):
+    d, cfg, video = files
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--config", str(cfg), "--video", str(video), "--max-new-tokens", "2", "--m-star", "99"])
+    assert "--m-star 99" in str(e.value)
 
 
 def test_prompt_over_context_is_refused(files, tmp_path):

@@ -101,11 +101,11 @@ def test_whole_generation_is_one_compiled_call_without_recompiles(small_target, 
         args = (tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV, p.pre.last_hidden_BD,
                 p.pre.rope_delta_B, jax.random.key(i))
         if i == 0:
-            hlo = E.speculative_generate.lower(*args, cfg=cfg).as_text()
+            hlo = E.speculative_loop.lower(*args, cfg=cfg).as_text()
             assert hlo.count("stablehlo.while") >= 1
-        res = E.speculative_generate(*args, cfg=cfg)
+        res = E.speculative_generate(*args, cfg=cfg)  # host capacity check, then the jitted loop
         assert int(res.rounds) > 1  # many rounds ran inside this single call
-        sizes.append(E.speculative_generate._cache_size())
+        sizes.append(E.speculative_loop._cache_size())
     assert sizes[-1] == sizes[0], f"recompiled within one padding bucket: cache sizes {sizes}"
 
 
@@ -114,8 +114,9 @@ def test_attention_pruning_keeps_text_and_the_most_attended_visual_positions(sma
     p = E.prepare(small_target, random_draft, prompts[2:5], cfg, mode="pruned_visual", keep_fraction=0.5,
                   prune_by="attention")
     batch = p.batch
-    _, kvs, cap = tg.forward(small_target, batch, capture=(1,))
-    score = np.asarray(tg.last_token_attention(small_target, batch, cap[1], kvs[1][0], 1))
+    m = tg.default_m_star(small_target.cfg.num_layers)  # prepare's default bridge layer
+    _, kvs, cap = tg.forward(small_target, batch, capture=(m,))
+    score = np.asarray(tg.last_token_attention(small_target, batch, cap[m], kvs[m][0], m))
     for b, prompt in enumerate(prompts[2:5]):
         n = int(np.asarray(batch.draft_len_B)[b])
         chosen = np.asarray(p.pre.draft_idx_BP)[b, :n].tolist()
@@ -124,3 +125,55 @@ def test_attention_pruning_keeps_text_and_the_most_attended_visual_positions(sma
         vis = np.nonzero(types != 0)[0]
         want_vis = vis[np.argsort(-score[b, vis], kind="stable")[: int(round(0.5 * len(vis)))]]
         assert chosen == sorted(text.tolist() + want_vis.tolist())
+
+
+def test_tau_counts_only_emitted_tokens_when_eos_or_max_tokens_cut_a_round(small_target, trained_draft, prompts):
+    """accepted_BR records the tokens each round emitted: a round cut by EOS inside its accepted path,
+    or by max_new_tokens, counts only what was emitted (sum over rounds = tokens after the first), and
+    is flagged in cut_BR so per-depth acceptance leaves its unobserved depth out."""
+    from sparrow_jax.decoding.metrics import acceptance_summary
+
+    tree = TreeSpec.parse("30-4-8")
+    rows = prompts[2:5]
+    _, free = E.generate(small_target, trained_draft, rows, E.EngineConfig(tree=tree, max_new_tokens=MAX_NEW))
+    toks, acc = np.asarray(free.tokens_BM), np.asarray(free.accepted_BR)
+    # EOS = the first token of a round that emitted >= 3, unseen before it: that round gets cut after 1.
+    eos = None
+    for b in range(len(rows)):
+        starts = 1 + np.concatenate([[0], np.cumsum(acc[b])])
+        for r in np.nonzero(acc[b] >= 3)[0]:
+            if toks[b, starts[r]] not in toks[b, :starts[r]]:
+                eos = int(toks[b, starts[r]])
+                break
+        if eos is not None:
+            break
+    assert eos is not None, "no round long enough to cut: the trained draft should accept paths of >= 2 drafts"
+    # max_new_tokens = 1 + the tokens of row 0's first round minus one: its first round gets cut.
+    M_cut = int(acc[0, 0])
+    assert M_cut >= 2, "row 0's first round should emit >= 2 tokens for the max-tokens cut"
+    for cfg in (E.EngineConfig(tree=tree, max_new_tokens=MAX_NEW, eos_ids=(eos,)),
+                E.EngineConfig(tree=tree, max_new_tokens=M_cut)):
+        _, res = E.generate(small_target, trained_draft, rows, cfg)
+        a, cut, n = np.asarray(res.accepted_BR), np.asarray(res.cut_BR), np.asarray(res.num_tokens_B)
+        assert np.array_equal(a.sum(axis=1), n - 1), "rounds must count exactly the emitted tokens (r0 is prefill's)"
+        assert cut.any(), f"{cfg}: no round was cut; the test would not exercise clipping"
+        for b in range(len(rows)):
+            live = np.nonzero(a[b] > 0)[0]
+            assert not cut[b, live[:-1]].any() and not cut[b, a[b] == 0].any(), "only a row's last round is cut"
+        m = acceptance_summary(a, tree.max_draft_tokens, cut)
+        assert m["tau"] == pytest.approx((n - 1).sum() / m["rounds"])
+
+
+def test_speculative_generate_refuses_caches_too_small(small_target, random_draft, prompts):
+    cfg = E.EngineConfig(tree=TreeSpec.parse("30-4-8"), max_new_tokens=4)
+    p = E.prepare(small_target, random_draft, prompts[:2], cfg)
+    longest = int(np.max(np.asarray(p.pre.cache.lengths_B)))
+    big = E.EngineConfig(tree=cfg.tree, max_new_tokens=p.pre.cache.capacity - longest - cfg.cache_slack + 1)
+    (tgraph, tparams), (dgraph, dparams) = nnx.split(small_target), nnx.split(random_draft)
+    with pytest.raises(ValueError, match=r"target cache capacity \d+ is too small.*max_new_tokens"):
+        E.speculative_generate(tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV,
+                               p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(0), cfg=big)
+    # the caches were not donated by the refused call: the right-sized run still works
+    res = E.speculative_generate(tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV,
+                                 p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(0), cfg=cfg)
+    assert np.all(np.asarray(res.num_tokens_B) == 4)

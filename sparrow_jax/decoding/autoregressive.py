@@ -77,9 +77,12 @@ def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, 
     return GenerationResult(s["tokens"], s["n"], s["cache"], s["step"])
 
 
-def cache_capacity(prompt_len: int, max_new_tokens: int, block: int = 1) -> int:
-    """Cache slots for a prompt bucket, its generated tokens and one verify block, bucketed."""
-    return tg.bucket(prompt_len + max_new_tokens + block)
+def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int = 1) -> int:
+    """Cache slots for a prompt bucket, its generated tokens and `slack` more (what a round writes past
+    the committed length; AR needs 1, the speculative engine `EngineConfig.cache_slack`), bucketed. The
+    one capacity rule: AR runs timed against speculative ones pass the same slack, since dense attention
+    scans the whole capacity."""
+    return tg.bucket(prompt_len + max_new_tokens + slack)
 
 
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(), seed: int = 0,
@@ -93,7 +96,7 @@ def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams = 
     graphdef, params = nnx.split(model)
     T = batch.input_ids_BT.shape[1]
     pre = tg.prefill(graphdef, params, batch, capacity=cache_capacity(T, max_new_tokens),
-                     m_star=cfg.num_layers // 2 if m_star is None else m_star, impl=impl)
+                     m_star=tg.default_m_star(cfg.num_layers) if m_star is None else m_star, impl=impl)
     eos = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
     res = ar_generate(graphdef, params, pre.cache, pre.last_logits_BV, pre.rope_delta_B, jax.random.key(seed), max_new_tokens=max_new_tokens, sampling=sampling,
                       eos_ids=eos, impl=impl)

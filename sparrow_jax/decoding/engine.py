@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.decoding.acceptance import accept_greedy, accept_sampling
+from sparrow_jax.decoding.autoregressive import cache_capacity
 from sparrow_jax.decoding.sampling import SamplingParams, select_tokens
 from sparrow_jax.decoding.tree import Tree, TreeSpec, select_tree
 from sparrow_jax.models import attention as attn_lib
@@ -50,8 +51,14 @@ class EngineConfig:
 
     @property
     def block(self) -> int:
-        """Pending block size: at most depth accepted drafts + the bonus token."""
-        return self.tree.depth + 1
+        """Pending block size: at most `tree.max_draft_tokens` (= depth + 1) accepted drafts + the bonus."""
+        return self.tree.max_draft_tokens + 1
+
+    @property
+    def cache_slack(self) -> int:
+        """Cache slots past prompt + max_new_tokens: every round writes a full block at each row's length
+        (done rows too), one more than the committed tokens can fill (see `check_capacity`)."""
+        return 2 * self.block + self.tree.total_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -59,7 +66,9 @@ class EngineConfig:
 class SpecResult:
     tokens_BM: jax.Array
     num_tokens_B: jax.Array
-    accepted_BR: jax.Array  # per round: path length incl. root (= tokens emitted that round), 0 = inactive
+    # Per round: tokens emitted (accepted drafts + bonus, cut at EOS / max_new_tokens), 0 = row inactive.
+    accepted_BR: jax.Array
+    cut_BR: jax.Array  # the round's emission was cut short: its drafts past the cut are not observed
     rounds: jax.Array  # loop iterations run
     tcache: KVCache
     dcache: KVCache
@@ -125,10 +134,12 @@ def _take(x, idx):
 
 
 def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec, impl: str) -> Tree:
-    """EAGLE-2 expansion (see tree.py). The root's pair is already in the draft cache, so the root sits
-    at draft position length - 1 and a node of depth d at length - 1 + d."""
+    """EAGLE-2 expansion (see tree.py; cnets1.py `topK_genrate`): level 1 from the root's draft output,
+    then `spec.depth` steps, each feeding the k-node frontier and adding its k*k children, so levels run
+    1..depth+1. The root's pair is already in the draft cache, so the root sits at draft position
+    length - 1 and a node of level d at length - 1 + d."""
     B = root_B.shape[0]
-    K, D, P, F = spec.top_k, spec.depth, spec.pool_size, spec.fed_nodes
+    K, D, P, F = spec.top_k, spec.max_draft_tokens, spec.pool_size, spec.fed_nodes
     logp1 = jax.nn.log_softmax(target.logits(h_root_BD).astype(jnp.float32), -1)
     s1, t1 = jax.lax.top_k(logp1, K)
     pool_tok = jnp.zeros((B, P), jnp.int32).at[:, :K].set(t1)
@@ -201,16 +212,44 @@ def verify_phase(target, tcache: KVCache, tree: Tree, rope_delta_B, key, cfg: En
     tpos = (tcache.lengths_B + rope_delta_B)[:, None] + tree.depth_BN
     v = tg.verify_fn(target, tcache, tree.tokens_BN, tpos, tree.ancestors_BNN, cfg.impl)
     if cfg.sampling.greedy:
-        acc = accept_greedy(tree, v.logits_BNV, cfg.tree.depth)
+        acc = accept_greedy(tree, v.logits_BNV, cfg.tree.max_draft_tokens)
     else:
-        acc = accept_sampling(key, tree, v.logits_BNV, cfg.tree.depth, cfg.sampling)
+        acc = accept_sampling(key, tree, v.logits_BNV, cfg.tree.max_draft_tokens, cfg.sampling)
     return v, acc
 
 
-@partial(jax.jit, static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
+def check_capacity(tcache: KVCache, dcache: KVCache, cfg: EngineConfig):
+    """Refuse caches that cannot hold the run: each needs its longest row + max_new_tokens +
+    `cfg.cache_slack` slots (a write past capacity would be clamped onto committed entries). Lengths are
+    read on the host; under an outer trace only the static part (capacity >= max_new_tokens + slack) is
+    checked."""
+    for name, cache in (("target", tcache), ("draft", dcache)):
+        try:
+            longest = int(np.max(np.asarray(cache.lengths_B)))
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            longest = 0
+        need = longest + cfg.max_new_tokens + cfg.cache_slack
+        if cache.capacity < need:
+            raise ValueError(
+                f"speculative_generate: {name} cache capacity {cache.capacity} is too small for this run: need "
+                f"{need} = longest prompt {longest} + max_new_tokens {cfg.max_new_tokens} + slack "
+                f"{cfg.cache_slack} (tree {cfg.tree}); build caches with "
+                f"autoregressive.cache_capacity(prompt_len, max_new_tokens, cfg.cache_slack), as engine.prepare does")
+
+
 def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
                          last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig) -> SpecResult:
-    """Generate up to cfg.max_new_tokens per row after both prefills; one compiled while_loop."""
+    """Generate up to cfg.max_new_tokens per row after both prefills (`prepare`); one compiled
+    while_loop (`speculative_loop`). The caches are checked for room (`check_capacity`), then donated."""
+    check_capacity(tcache, dcache, cfg)
+    return speculative_loop(tgraph, tparams, dgraph, dparams, tcache, dcache, last_logits_BV, last_hidden_BD,
+                            rope_delta_B, key, cfg=cfg)
+
+
+@partial(jax.jit, static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
+def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
+                     last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig) -> SpecResult:
+    """The jitted loop behind `speculative_generate`; it trusts the caches to have room (no check)."""
     target, draft = nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams)
     B = last_logits_BV.shape[0]
     M, L = cfg.max_new_tokens, cfg.block
@@ -226,7 +265,7 @@ def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcac
         pend_tok=jnp.zeros((B, L), jnp.int32).at[:, 0].set(r0),
         pend_h=jnp.zeros((B, L, last_hidden_BD.shape[-1]), last_hidden_BD.dtype).at[:, 0].set(last_hidden_BD),
         pend_n=jnp.ones((B,), jnp.int32),
-        accepted=jnp.zeros((B, M), jnp.int32), r=jnp.int32(0), key=key,
+        accepted=jnp.zeros((B, M), jnp.int32), cut=jnp.zeros((B, M), bool), r=jnp.int32(0), key=key,
     )
 
     def cond(s):
@@ -256,11 +295,13 @@ def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcac
             pend_tok=jnp.where(active[:, None], emit, s["pend_tok"]),
             pend_h=jnp.where(active[:, None, None], _take(v.hidden_BND, acc.path_BL), s["pend_h"]),
             pend_n=jnp.where(active, n, s["pend_n"]),
-            accepted=s["accepted"].at[:, s["r"]].set(jnp.where(active, n, 0)), r=s["r"] + 1, key=key,
+            # What was emitted, not what was verified: tokens past EOS / max_new_tokens do not count.
+            accepted=s["accepted"].at[:, s["r"]].set(count), cut=s["cut"].at[:, s["r"]].set(active & (count < n)),
+            r=s["r"] + 1, key=key,
         )
 
     s = jax.lax.while_loop(cond, body, init)
-    return SpecResult(s["out"][:, :M], s["n_out"], s["accepted"], s["r"], s["tcache"], s["dcache"])
+    return SpecResult(s["out"][:, :M], s["n_out"], s["accepted"], s["cut"], s["r"], s["tcache"], s["dcache"])
 
 
 # ----------------------------------------------------------------------------------- host wrapper
@@ -296,11 +337,11 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
                                 draft_by_attention=mode == "pruned_visual" and prune_by == "attention")
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)
-    slack = 2 * cfg.block + cfg.tree.total_tokens
-    pre = tg.prefill(tgraph, tparams, batch, capacity=tg.bucket(T + cfg.max_new_tokens + slack),
-                     m_star=tcfg.num_layers // 2 if m_star is None else m_star, impl=cfg.impl)
+    pre = tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, cfg.max_new_tokens, cfg.cache_slack),
+                     m_star=tg.default_m_star(tcfg.num_layers) if m_star is None else m_star, impl=cfg.impl)
     dcache = draft_prefill(dgraph, dparams, pre.draft_e_BPD, pre.draft_hprev_BPD, dlen,
-                           capacity=tg.bucket(idx.shape[1] + cfg.max_new_tokens + slack), impl=cfg.impl)
+                           capacity=cache_capacity(idx.shape[1], cfg.max_new_tokens, cfg.cache_slack),
+                           impl=cfg.impl)
     return Prepared(pre, dcache, batch)
 
 

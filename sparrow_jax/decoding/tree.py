@@ -1,12 +1,13 @@
 """EAGLE-2 dynamic draft trees with static shapes.
 
-Our `depth` counts draft expansion steps = the maximum number of draft tokens on one root-to-leaf path
-(EAGLE-2's own `depth` argument gives depth+1 tokens per path; ours is literal). The pool of candidates
-is filled step by step: step 1 adds the top-k children of the root; step s >= 2 feeds the k best
-frontier nodes (by cumulative log-prob) to the draft and adds their k*k children. The verified tree is
-the root plus the `total_tokens - 1` best pool entries, ordered by pool index, which puts every parent
-before its children. Scores never increase along a path and ties keep the lower (earlier) index, so
-the selection is a connected tree.
+Notation = EAGLE-2's and the released Sparrow code's `total_token`/`depth`/`top_k` (SPEC §2):
+`total_tokens` counts the verified nodes, root included; `depth` counts the expansion steps after the
+first one, so a root-to-leaf path holds up to depth + 1 draft tokens. Step 1 adds the top-k children
+of the root to the pool; each of the `depth` further steps feeds the k best frontier nodes (by
+cumulative log-prob) to the draft and adds their k*k children, so the pool has k + depth*k*k entries.
+The verified tree is the root plus the `total_tokens - 1` best pool entries, ordered by pool index,
+which puts every parent before its children. Scores never increase along a path and ties keep the
+lower (earlier) index, so the selection is a connected tree.
 """
 
 from __future__ import annotations
@@ -19,36 +20,47 @@ import jax.numpy as jnp
 
 @dataclasses.dataclass(frozen=True)
 class TreeSpec:
-    total_tokens: int  # nodes verified, root included
-    depth: int  # max draft tokens on a path
+    total_tokens: int  # nodes verified, root included (EAGLE-2 `total_token`)
+    depth: int  # expansion steps after the first (EAGLE-2 `depth`): paths hold up to depth + 1 drafts
     top_k: int
 
     def __post_init__(self):
-        if self.depth < 1 or self.top_k < 1 or self.total_tokens < 2:
-            raise ValueError(f"tree {self}: need depth >= 1, top_k >= 1, total_tokens >= 2")
+        if self.depth < 0 or self.top_k < 1 or self.total_tokens < 2:
+            raise ValueError(f"tree {self}: need depth >= 0, top_k >= 1, total_tokens >= 2")
         if self.total_tokens - 1 > self.pool_size:
-            raise ValueError(f"tree {self.total_tokens}-{self.depth}-{self.top_k}: total_tokens - 1 = "
-                             f"{self.total_tokens - 1} exceeds the {self.pool_size} candidates this depth/top_k yields")
+            raise ValueError(f"tree {self}: total_tokens - 1 = {self.total_tokens - 1} exceeds the "
+                             f"{self.pool_size} candidates this depth/top_k yields (top_k + depth * top_k^2)")
+
+    @property
+    def max_draft_tokens(self) -> int:
+        """Draft tokens on the longest root-to-leaf path (= tree levels below the root)."""
+        return self.depth + 1
 
     @property
     def pool_size(self) -> int:
-        return self.top_k + (self.depth - 1) * self.top_k**2
+        return self.top_k + self.depth * self.top_k**2
 
     @property
     def fed_nodes(self) -> int:
-        """Tree nodes the draft processes while expanding (frontiers of steps 2..depth)."""
-        return (self.depth - 1) * self.top_k
+        """Tree nodes the draft processes while expanding: k frontier nodes in each of the depth steps."""
+        return self.depth * self.top_k
 
     @classmethod
     def parse(cls, text: str) -> "TreeSpec":
-        """'30-4-8' = total_tokens-depth-top_k (the paper's notation); 'chain5' = chain of depth 5."""
+        """'48-5-10' = TOTAL-DEPTH-TOPK in EAGLE-2's notation (48 nodes with the root, paths of up to 6
+        drafts, top-10); 'chainN' = a chain of N draft tokens (top_k 1, depth N - 1, N + 1 nodes)."""
         if text.startswith("chain"):
-            d = int(text[5:])
-            return cls(d + 1, d, 1)
+            try:
+                n = int(text[5:])
+            except ValueError:
+                raise ValueError(f"tree {text!r}: expected chainN with N draft tokens, like chain5") from None
+            if n < 1:
+                raise ValueError(f"tree {text!r}: a chain needs at least 1 draft token")
+            return cls(n + 1, n - 1, 1)
         try:
             n, d, k = (int(x) for x in text.split("-"))
         except ValueError:
-            raise ValueError(f"tree {text!r}: expected TOTAL-DEPTH-TOPK like 30-4-8, or chainD") from None
+            raise ValueError(f"tree {text!r}: expected TOTAL-DEPTH-TOPK like 48-5-10, or chainN") from None
         return cls(n, d, k)
 
     def __str__(self):
@@ -79,7 +91,7 @@ def select_tree(root_B, pool_tok_BP, pool_score_BP, pool_parent_BP, pool_depth_B
     tokens = jnp.concatenate([root_B[:, None], take(pool_tok_BP)], axis=1).astype(jnp.int32)
     parent = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), par], axis=1)
     depth = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), take(pool_depth_BP)], axis=1)
-    return Tree(tokens, parent, depth, ancestor_mask(parent, spec.depth), children_lists(parent, spec.top_k))
+    return Tree(tokens, parent, depth, ancestor_mask(parent, spec.max_draft_tokens), children_lists(parent, spec.top_k))
 
 
 def ancestor_mask(parent_BN, max_depth: int):

@@ -29,6 +29,16 @@ def bucket(n: int, multiple: int = SEQ_BUCKET) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def default_m_star(num_layers: int) -> int:
+    """Default bridge layer m* (IVSB's layer-m* visual states; `capture` index i = output of decoder
+    layer i, HF `hidden_states[i]`). The released Sparrow code reads `hidden_states[-14]` of the 28-layer
+    7B targets = index 15, one past the middle; we keep that rule (num_layers // 2 + 1) for every depth,
+    clamped inside the stack (1 <= m* <= num_layers - 1)."""
+    if num_layers < 2:
+        raise ValueError(f"default_m_star: a target with {num_layers} decoder layer(s) has no layer inside the stack")
+    return max(1, min(num_layers // 2 + 1, num_layers - 1))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PrefillBatch:

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
+from sparrow_jax.models.target import default_m_star
 from sparrow_jax.training import sharding as shd
 from sparrow_jax.training.data import ShardSource, TrainBatch, collate, index_pipeline, process_rows
 from sparrow_jax.training.features import OnlineBatch, fill_features, online_batch
@@ -56,7 +57,7 @@ class TrainConfig:
     compute_dtype: str = "float32"  # bfloat16: bf16 compute, fp32 master weights
     # model / loss
     draft_layers: int = 1
-    m_star: int | None = None
+    m_star: int | None = None  # bridge layer m* (target hidden state after layer m*); None = default_m_star
     max_text: int = 128
     max_visual: int = 256
     ivsb: bool = True
@@ -136,7 +137,7 @@ class Trainer:
         self.mesh = shd.make_mesh(cfg.mesh)
         self.target = load_target(cfg)
         tcfg = self.target.cfg
-        self.m_star = cfg.m_star or tcfg.num_layers // 2
+        self.m_star = default_m_star(tcfg.num_layers) if cfg.m_star is None else cfg.m_star
         draft = SparrowDraft(DraftConfig.for_target(tcfg, num_layers=cfg.draft_layers), rngs=nnx.Rngs(cfg.seed))
         self.dgraph, dparams = nnx.split(draft, nnx.Param)
         self.tgraph, tparams = nnx.split(self.target)
