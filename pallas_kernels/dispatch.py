@@ -10,6 +10,8 @@ Routing (static: decided at trace time from shapes, dtypes, backend and the acti
   video cache is long (tree verify). Both compute the same function.
 - anything a kernel cannot take goes to the XLA path, with the reason logged once
   (`route` returns it; tests use that).
+Training differentiates either way: the prefill kernel through its custom VJP, the XLA fallback through
+dense autodiff or the blockwise path's custom VJP (`TrainConfig.attention = "pallas"`).
 
 Backend: TPU -> Mosaic TPU compiler settings; GPU -> Triton; CPU -> the same kernel bodies under
 the Pallas interpreter (`interpret=True`, chosen automatically). GPU/TPU lowering is untested here

@@ -53,7 +53,7 @@ def test_causal_mask_gradient_is_zero_for_future_keys():
     g_k, g_v = jax.grad(lambda k, v: dense_attention(q, k, v, mask)[0, i].sum(), argnums=(0, 1))(k, v)
     assert np.all(np.asarray(g_k)[0, i + 1:] == 0) and np.all(np.asarray(g_v)[0, i + 1:] == 0)
     assert np.abs(np.asarray(g_v)[0, : i + 1]).sum() > 0
-    # The blockwise loop is inference-only (dynamic trip count): test it by perturbation instead.
+    # The blockwise forward by perturbation (its custom-VJP gradient: test_attention_grad.py).
     blk = lambda k, v: blockwise_attention(q, k, v, mask, q_block=8, kv_block=8)  # noqa: E731
     base = np.asarray(blk(k, v))
     pert = np.asarray(blk(k.at[0, i + 1:].add(5.0), v.at[0, i + 1:].add(5.0)))

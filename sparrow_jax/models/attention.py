@@ -8,7 +8,9 @@
   (`block_k`, `block_v`) visible through `block_mask_BTN` (the tree's ancestor mask).
 
 The `xla` implementation is plain jnp: dense scores for small problems, a flash-style blockwise
-loop (online softmax, bounded memory) when T*S is large. Pallas kernels plug in behind `impl`.
+loop (online softmax, bounded memory) when T*S is large; both are reverse-differentiable (the blockwise
+one through a FlashAttention-2 custom VJP), so training runs at video lengths. Pallas kernels plug in
+behind `impl`.
 Masking is done by multiplying probabilities by the mask, so a row with no visible key yields 0
 (never NaN) — such rows are padding by construction.
 """
@@ -16,6 +18,7 @@ Masking is done by multiplying probabilities by the mask, so a row with no visib
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -110,37 +113,67 @@ def _pad_axis(x, axis, multiple):
 
 def blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, q_block: int = Q_BLOCK,
                         kv_block: int = KV_BLOCK):
-    """Flash-style attention: query blocks in sequence (lax.map), an online-softmax loop over key
-    blocks that stops at the last block any query of the block can see (causal / key length).
-    Memory O(B*H*q_block*kv_block). Inference path: the dynamic loop bound is not reverse-differentiable
-    (training uses the dense path or the Pallas kernel's custom VJP)."""
+    """Flash-style attention over the main keys (no extra block), differentiable through a custom VJP.
+
+    Forward: query blocks in sequence (lax.map), an online-softmax loop over key blocks that stops at
+    the last block any query of the block can see (causal / longest key length); saves the output and
+    the per-row log-sum-exp. Backward (FlashAttention-2): recomputes the probabilities blockwise from
+    the log-sum-exp; one scan over key blocks, each walking only the query blocks that can see it.
+    Memory O(B*H*(T + q_block*kv_block)), never O(T*S). The loop bounds are dynamic (work follows the
+    real lengths): fine inside a custom VJP, whose fwd/bwd are not themselves differentiated."""
+    if mask.block_mask_BTN is not None:
+        raise ValueError("blockwise_attention covers the main keys only (use dense_attention with block_k)")
+    T, S = q_BTHE.shape[1], k_BSKE.shape[1]
+    st = _Flash(mask.causal, min(q_block, T), min(kv_block, S))
+    kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)  # keys past S do not exist (padding is hidden)
+    return _flash(st, q_BTHE, k_BSKE, v_BSKE, kv_len_B)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flash:
+    causal: bool
+    q_block: int
+    kv_block: int
+
+
+def _flash_layout(st: _Flash, q_BTHE, k_BSKE, v_BSKE):
+    """q [B, nq, qb, K, G, E] and k, v [B, nk, kb, K, E] (padded to whole blocks; reshapes only)."""
     B, T, H, E = q_BTHE.shape
-    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
-    G = H // K
-    q_block, kv_block = min(q_block, T), min(kv_block, S)
+    K = k_BSKE.shape[2]
+    q = _pad_axis(_group(q_BTHE, K), 1, st.q_block)
+    k = _pad_axis(k_BSKE, 1, st.kv_block)
+    v = _pad_axis(v_BSKE, 1, st.kv_block)
+    nq, nk = q.shape[1] // st.q_block, k.shape[1] // st.kv_block
+    return (q.reshape(B, nq, st.q_block, K, H // K, E), k.reshape(B, nk, st.kv_block, K, E),
+            v.reshape(B, nk, st.kv_block, K, E))
+
+
+def _n_key_blocks(st: _Flash, qi, kv_len_B, nk):
+    """Key blocks query block qi needs: up to the longest row's length, and (causal) its last query."""
+    n = jnp.minimum((jnp.max(kv_len_B) + st.kv_block - 1) // st.kv_block, nk)
+    if st.causal:
+        n = jnp.minimum(n, ((qi + 1) * st.q_block + st.kv_block - 1) // st.kv_block)
+    return n
+
+
+def _flash_forward(st: _Flash, q_BTHE, k_BSKE, v_BSKE, kv_len_B):
+    """(output [B, T, H, E] in q's dtype, log-sum-exp [nq, B, K, G, qb] fp32; 0 for rows with no key)."""
+    B, T, H, E = q_BTHE.shape
+    q_BnqKGE, k_BnkKE, v_BnkKE = _flash_layout(st, q_BTHE, k_BSKE, v_BSKE)
+    _, nq, qb, K, G, _ = q_BnqKGE.shape
+    nk, kb = k_BnkKE.shape[1], st.kv_block
     scale = 1.0 / math.sqrt(E)
-    q = _pad_axis(_group(q_BTHE, K), 1, q_block)
-    k = _pad_axis(k_BSKE, 1, kv_block)
-    v = _pad_axis(v_BSKE, 1, kv_block)
-    nq, nk = q.shape[1] // q_block, k.shape[1] // kv_block
-    q_nBqKGE = q.reshape(B, nq, q_block, K, G, E).swapaxes(0, 1)
-    k_BnkKE = k.reshape(B, nk, kv_block, K, E)
-    v_BnkKE = v.reshape(B, nk, kv_block, K, E)
-    max_len = jnp.max(mask.kv_len_B)
-    len_blocks = (max_len + kv_block - 1) // kv_block
+    mask = MaskSpec(kv_len_B=kv_len_B, causal=st.causal)
 
     def one_q_block(args):
         qi, q_BqKGE = args
-        n_needed = jnp.minimum(len_blocks, nk)
-        if mask.causal:
-            n_needed = jnp.minimum(n_needed, ((qi + 1) * q_block + kv_block - 1) // kv_block)
 
         def body(ki, carry):
             m_i, l_i, acc = carry
             k_blk = jax.lax.dynamic_index_in_dim(k_BnkKE, ki, axis=1, keepdims=False)
             v_blk = jax.lax.dynamic_index_in_dim(v_BnkKE, ki, axis=1, keepdims=False)
             s = jnp.einsum("bqkge,bske->bkgqs", q_BqKGE, k_blk, preferred_element_type=jnp.float32) * scale
-            vis = _main_mask(mask, q_block, kv_block, q_start=qi * q_block, k_start=ki * kv_block)
+            vis = _main_mask(mask, qb, kb, q_start=qi * qb, k_start=ki * kb)
             s = jnp.where(vis, s, -jnp.inf)
             m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -151,12 +184,78 @@ def blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, q_block: int 
                                                      preferred_element_type=jnp.float32)
             return m_new, l_new, acc
 
-        init = (jnp.full((B, K, G, q_block), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, q_block), jnp.float32),
-                jnp.zeros((B, K, G, q_block, E), jnp.float32))
-        _, l_f, acc = jax.lax.fori_loop(0, n_needed, body, init)
+        init = (jnp.full((B, K, G, qb), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, qb), jnp.float32),
+                jnp.zeros((B, K, G, qb, E), jnp.float32))
+        m_f, l_f, acc = jax.lax.fori_loop(0, _n_key_blocks(st, qi, kv_len_B, nk), body, init)
         o = acc / jnp.maximum(l_f, 1e-30)[..., None]
-        return jnp.moveaxis(o, 3, 1)  # [B, q, K, G, E]
+        lse = jnp.where(l_f > 0, m_f + jnp.log(jnp.maximum(l_f, 1e-30)), 0.0)
+        return jnp.moveaxis(o, 3, 1).astype(q_BTHE.dtype), lse  # [B, qb, K, G, E], [B, K, G, qb]
 
-    o_nBqKGE = jax.lax.map(one_q_block, (jnp.arange(nq), q_nBqKGE))
-    o = o_nBqKGE.swapaxes(0, 1).reshape(B, nq * q_block, H, E)[:, :T]
-    return o.astype(q_BTHE.dtype)
+    o_nBqKGE, lse_nBKGq = jax.lax.map(one_q_block, (jnp.arange(nq), q_BnqKGE.swapaxes(0, 1)))
+    return o_nBqKGE.swapaxes(0, 1).reshape(B, nq * qb, H, E)[:, :T], lse_nBKGq
+
+
+def _flash_fwd(st, q_BTHE, k_BSKE, v_BSKE, kv_len_B):
+    o_BTHE, lse = _flash_forward(st, q_BTHE, k_BSKE, v_BSKE, kv_len_B)
+    return o_BTHE, (q_BTHE, k_BSKE, v_BSKE, kv_len_B, o_BTHE, lse)
+
+
+def _flash_bwd(st: _Flash, res, do_BTHE):
+    q_BTHE, k_BSKE, v_BSKE, kv_len_B, o_BTHE, lse_nBKGq = res
+    B, T, H, E = q_BTHE.shape
+    S = k_BSKE.shape[1]
+    q_BnqKGE, k_BnkKE, v_BnkKE = _flash_layout(st, q_BTHE, k_BSKE, v_BSKE)
+    _, nq, qb, K, G, _ = q_BnqKGE.shape
+    nk, kb = k_BnkKE.shape[1], st.kv_block
+    scale = 1.0 / math.sqrt(E)
+    mask = MaskSpec(kv_len_B=kv_len_B, causal=st.causal)
+    do_BnqKGE = _pad_axis(_group(do_BTHE, K), 1, qb).reshape(B, nq, qb, K, G, E)  # padded rows: dO = 0
+    delta_BTKG = jnp.einsum("btkge,btkge->btkg", _group(do_BTHE, K).astype(jnp.float32),
+                            _group(o_BTHE, K).astype(jnp.float32))
+    delta_nBKGq = _pad_axis(delta_BTKG, 1, qb).reshape(B, nq, qb, K, G).transpose(1, 0, 3, 4, 2)
+    max_len = jnp.max(kv_len_B)
+
+    def one_kv_block(dq_BnqKGE, ki):
+        k_blk = jax.lax.dynamic_index_in_dim(k_BnkKE, ki, axis=1, keepdims=False)  # [B, kb, K, E]
+        v_blk = jax.lax.dynamic_index_in_dim(v_BnkKE, ki, axis=1, keepdims=False)
+        first = (ki * kb) // qb if st.causal else 0  # earlier queries cannot see this block
+        last = jnp.where(ki * kb < max_len, nq, first)  # block past every row's length: no work
+
+        def body(qi, carry):
+            dk, dv, dq_all = carry
+            q_blk = jax.lax.dynamic_index_in_dim(q_BnqKGE, qi, axis=1, keepdims=False)  # [B, qb, K, G, E]
+            do_blk = jax.lax.dynamic_index_in_dim(do_BnqKGE, qi, axis=1, keepdims=False)
+            lse = jax.lax.dynamic_index_in_dim(lse_nBKGq, qi, axis=0, keepdims=False)[..., None]
+            delta = jax.lax.dynamic_index_in_dim(delta_nBKGq, qi, axis=0, keepdims=False)[..., None]
+            s = jnp.einsum("bqkge,bske->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+            vis = _main_mask(mask, qb, kb, q_start=qi * qb, k_start=ki * kb)
+            p = jnp.where(vis, jnp.exp(s - lse), 0.0)  # [B, K, G, qb, kb]; rows with no key stay 0
+            dp = jnp.einsum("bqkge,bske->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta)
+            dv = dv + jnp.einsum("bkgqs,bqkge->bske", p.astype(do_blk.dtype), do_blk,
+                                 preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("bkgqs,bqkge->bske", ds.astype(q_blk.dtype), q_blk,
+                                 preferred_element_type=jnp.float32)
+            dq = jnp.einsum("bkgqs,bske->bqkge", ds.astype(k_blk.dtype), k_blk, preferred_element_type=jnp.float32)
+            dq_old = jax.lax.dynamic_index_in_dim(dq_all, qi, axis=1, keepdims=False)
+            dq_all = jax.lax.dynamic_update_index_in_dim(dq_all, dq_old + dq, qi, axis=1)
+            return dk, dv, dq_all
+
+        zeros = jnp.zeros((B, kb, K, E), jnp.float32)
+        dk, dv, dq_BnqKGE = jax.lax.fori_loop(first, last, body, (zeros, zeros, dq_BnqKGE))
+        return dq_BnqKGE, (dk * scale, dv)
+
+    dq0 = jnp.zeros(q_BnqKGE.shape, jnp.float32)
+    dq_BnqKGE, (dk_nBkKE, dv_nBkKE) = jax.lax.scan(one_kv_block, dq0, jnp.arange(nk))
+    dq = (dq_BnqKGE * scale).reshape(B, nq * qb, H, E)[:, :T].astype(q_BTHE.dtype)
+    dk = dk_nBkKE.swapaxes(0, 1).reshape(B, nk * kb, K, E)[:, :S].astype(k_BSKE.dtype)
+    dv = dv_nBkKE.swapaxes(0, 1).reshape(B, nk * kb, K, E)[:, :S].astype(v_BSKE.dtype)
+    return dq, dk, dv, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st: _Flash, q_BTHE, k_BSKE, v_BSKE, kv_len_B):
+    return _flash_forward(st, q_BTHE, k_BSKE, v_BSKE, kv_len_B)[0]
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

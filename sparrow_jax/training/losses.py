@@ -44,8 +44,9 @@ def slot_inputs(draft, e_BLD, hprev_BLD, batch: TrainBatch):
     return _gather(sources, batch.slot_src_BS)
 
 
-def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None):
-    """Outputs at the text slots for every pass: list of [B, L, D]."""
+def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: str = "xla"):
+    """Outputs at the text slots for every pass: list of [B, L, D]. `impl`: attention implementation
+    ("xla" or "pallas"; both differentiable at any slot count)."""
     e = embed_fn(batch.tok_BL)
     hprev = batch.hprev_BLD.astype(e.dtype)
     if cfg.noise_std > 0 and noise_key is not None:
@@ -55,7 +56,7 @@ def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=
     outs = []
     for k in range(cfg.mtp_steps + 1):
         x = slot_inputs(draft, e, hprev, batch)
-        y_BSD, _ = draft.run_layers(x, batch.slot_pos_BS, mask)
+        y_BSD, _ = draft.run_layers(x, batch.slot_pos_BS, mask, impl=impl)
         y_text = _gather(y_BSD, batch.text_slot_BL)
         outs.append(y_text)
         # Next pass: h_{t-1} <- ĥ at the previous slot (zero for the first slot).
@@ -64,9 +65,9 @@ def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=
     return outs
 
 
-def draft_loss(draft, embed_fn, head_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None):
+def draft_loss(draft, embed_fn, head_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: str = "xla"):
     """Scalar loss and metrics per pass (loss, soft CE, SmoothL1, top-1 agreement with the target)."""
-    outs = draft_passes(draft, embed_fn, batch, cfg, noise_key)
+    outs = draft_passes(draft, embed_fn, batch, cfg, noise_key, impl)
     w = batch.pred_BL
     denom = jnp.maximum(w.sum(), 1.0)
     target_logits = head_fn(batch.h_BLD).astype(jnp.float32)

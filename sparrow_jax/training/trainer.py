@@ -66,6 +66,9 @@ class TrainConfig:
     p_w: float = 0.1
     v_w: float = 1.0
     noise_std: float = 0.0
+    # draft attention: "xla" (dense, or blockwise with a custom VJP past the dense limit) or "pallas"
+    # (the prefill kernel's custom VJP; shapes it cannot take fall back to xla, reason logged once)
+    attention: str = "xla"
     # parallelism, checkpoints, logs
     mesh: tuple[int, int, int] = (1, 1, 1)
     seed: int = 0
@@ -74,6 +77,10 @@ class TrainConfig:
     async_save: bool = True
     log_every: int = 10
     tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.attention not in ("xla", "pallas"):
+            raise ValueError(f"attention {self.attention!r}: expected 'xla' or 'pallas'")
 
     @property
     def loss(self) -> LossConfig:
@@ -181,7 +188,7 @@ class Trainer:
         def micro_loss(dparams, tparams, batch: TrainBatch, key):
             target = nnx.merge(tgraph, jax.tree.map(lambda x: x.astype(compute), tparams))
             draft = nnx.merge(dgraph, jax.tree.map(lambda x: x.astype(compute), dparams))
-            return draft_loss(draft, target.embed, target.logits, batch, lcfg, key)
+            return draft_loss(draft, target.embed, target.logits, batch, lcfg, key, impl=cfg.attention)
 
         def step(dparams, opt_state, tparams, rng, batch):
             if isinstance(batch, OnlineBatch):
