@@ -9,9 +9,17 @@ download. Point --target at a HF checkpoint directory to run a real model.
   python decode.py --target ~/ckpt/Qwen2.5-VL-7B-Instruct --video a.mp4 --prompt "What happens?" --dtype bfloat16
   python decode.py --video a.mp4 --prompt "Describe." --video b.mp4 --prompt "Count the objects." --jsonl out.jsonl
 
-Modes: `ar` (target alone, the baseline), `sparrow` (text-only draft: VATA + HSR), `full_visual`
-(MSD-style draft that keeps every visual position), `pruned_visual` (SpecVLM-style: a fraction of the
-visual positions). Without --draft a random draft is used: output stays exactly the target's (the
+Modes and the draft *visual view* each runs (a draft decodes only in the view it was trained for,
+stored in its config.json as `visual_view`; --force-view overrides the check):
+  ar             the target alone (the baseline)
+  sparrow        view none: text-only draft sequence, compacted positions (Sparrow VATA + HSR; also plain
+                 EAGLE drafts)
+  ivsb_mid       view ivsb_mid: visual slots carry the target's layer-m* states, placed as in IVSB
+                 training (the paper's "IVSB + MTP w/o VATA" ablation)
+  full_visual    view msd: every visual position carries the target's own visual embedding (MSD-style)
+  pruned_visual  view pruned: the msd view keeping a fraction of the visual positions (default 10 %,
+                 SpecVLM's drop rate) — a pruned-visual EAGLE-style draft, not SpecVLM itself
+Without --draft a random draft of the mode's view is used: output stays exactly the target's (the
 verifier guarantees it) but few drafts are accepted. --compare-ar runs AR too and prints DSR/ESR.
 
 Trees use EAGLE-2's / the released Sparrow code's notation TOTAL-DEPTH-TOPK (`total_token`, `depth`,
@@ -32,6 +40,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
+
+from sparrow_jax.models import views  # noqa: E402 — light (numpy only): mode names for --help
+from sparrow_jax.models.views import MODE_VIEW  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -54,8 +65,12 @@ def parse_args(argv=None):
     inp.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel budget (Qwen resize rule)")
     inp.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor (Qwen resize rule)")
     gen = ap.add_argument_group("generation")
-    gen.add_argument("--mode", choices=["ar", "sparrow", "full_visual", "pruned_visual"], default="sparrow",
-                     help="decoding mode (sparrow = text-only draft)")
+    gen.add_argument("--mode", choices=["ar", "sparrow", *(m for m in MODE_VIEW if m != "text_only")],
+                     default="sparrow",
+                     help="decoding mode: the draft view it runs (see above); sparrow = text-only draft")
+    gen.add_argument("--force-view", action="store_true",
+                     help="run a draft in a mode whose visual view it was not trained for (its inputs then differ "
+                     "from training; output stays lossless)")
     gen.add_argument("--draft", help="draft checkpoint directory (ours or EAGLE format); default: random draft")
     gen.add_argument("--tree", default="48-5-10",
                      help="draft tree TOTAL-DEPTH-TOPK in EAGLE-2's notation: TOTAL nodes verified (root included), "
@@ -64,9 +79,12 @@ def parse_args(argv=None):
     gen.add_argument("--m-star", type=int, default=None,
                      help="bridge layer m*: the target hidden state after decoder layer m* (HF hidden_states[m*]); "
                      "default num_layers // 2 + 1, i.e. 15 of 28 as the released Sparrow code's hidden_states[-14]")
-    gen.add_argument("--keep-fraction", type=float, default=0.25, help="pruned_visual: visual positions kept")
-    gen.add_argument("--prune-by", choices=["uniform", "attention"], default="uniform",
-                     help="pruned_visual: evenly spaced, or most attended by the last prompt token at layer m*")
+    gen.add_argument("--keep-fraction", type=float, default=None,
+                     help="pruned_visual: fraction of visual positions kept (default: the draft's trained setting, "
+                     "0.1 for a random draft)")
+    gen.add_argument("--prune-by", choices=["uniform", "attention"], default=None,
+                     help="pruned_visual: evenly spaced, or most attended by the last prompt token at layer m* "
+                     "(default: the draft's trained setting, uniform for a random draft)")
     gen.add_argument("--compare-ar", action="store_true",
                      help="also run AR with the same cache capacity and print DSR/ESR: one warm-up run each, then the "
                      "median of --repeats timed runs each (alternating, no streaming). Greedy outputs must be "
@@ -193,7 +211,7 @@ def main(argv=None):
     from sparrow_jax.models.qwen2_5_vl import ConfigError  # noqa: PLC0415
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    visual_mode = {"sparrow": "text_only", "full_visual": "full_visual", "pruned_visual": "pruned_visual"}.get(args.mode)
+    visual_mode = "text_only" if args.mode == "sparrow" else args.mode if args.mode in MODE_VIEW else None
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
         tree = TreeSpec.parse(args.tree)
@@ -216,8 +234,13 @@ def main(argv=None):
                 draft = import_eagle(args.draft, target_cfg=cfg, dtype=dtype)
                 draft_source = args.draft
             else:
-                draft = SparrowDraft(DraftConfig.for_target(cfg), rngs=nnx.Rngs(args.seed + 1), dtype=dtype)
+                view = views.view_for_mode(visual_mode or "text_only")
+                draft = SparrowDraft(DraftConfig.for_target(cfg, visual_view=view), rngs=nnx.Rngs(args.seed + 1),
+                                     dtype=dtype)
                 draft_source = "random draft (lossless, but rarely accepted)"
+            if visual_mode is not None:
+                views.check_draft_view(draft.cfg.visual_view, visual_mode, allow_mismatch=args.force_view,
+                                       source=f"draft {draft_source}")
         codec = load_codec(args.target, cfg.text.vocab_size)
         with tempfile.TemporaryDirectory() as workdir:
             texts, prompts = build_prompts(args, cfg, codec, workdir)
@@ -257,7 +280,7 @@ def main(argv=None):
         dgraph, dparams = nnx.split(draft)
         t0 = time.perf_counter()
         p = E.prepare(model, draft, prompts, run_cfg, mode=visual_mode, keep_fraction=args.keep_fraction,
-                      prune_by=args.prune_by, m_star=m_star)
+                      prune_by=args.prune_by, m_star=m_star, allow_view_mismatch=args.force_view)
         jax.block_until_ready((p.pre, p.dcache))
         t1 = time.perf_counter()
         res = jax.block_until_ready(E.speculative_generate(
@@ -313,7 +336,7 @@ def main(argv=None):
               f"{acc['acceptance_per_depth']}")
     if "spec" in runs and args.profile:
         p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
-                      prune_by=args.prune_by, m_star=m_star)
+                      prune_by=args.prune_by, m_star=m_star, allow_view_mismatch=args.force_view)
         split = E.profile_phases(model, draft, p, ecfg)
         record.update(split)
         print(f"[decode] per round: draft {split['draft_s_per_round'] * 1e3:.2f} ms, verify "

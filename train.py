@@ -61,7 +61,7 @@ def main(argv=None):
         target = load_target(cfg)
         samples = synthetic_samples(target.cfg, n, seed=cfg.data_seed)
         m_star = default_m_star(target.cfg.num_layers) if cfg.m_star is None else cfg.m_star
-        index = extract_features(target, samples, args.extract_features, m_star=m_star,
+        index = extract_features(target, samples, args.extract_features, spec=cfg.feature_spec(m_star),
                                  regenerate=args.regenerate, progress=not args.no_progress)
         print(f"[train] {sum(s['records'] for s in index['shards'])} records in {len(index['shards'])} shards "
               f"-> {args.extract_features}")

@@ -1,5 +1,6 @@
 """Session-wide tiny models (built once; compiled functions are reused across tests)."""
 
+import dataclasses
 import os
 import sys
 
@@ -26,18 +27,56 @@ def random_draft(small_target):
     return SparrowDraft(DraftConfig.for_target(small_target.cfg), rngs=nnx.Rngs(11))
 
 
-@pytest.fixture(scope="session")
-def trained_draft(small_target):
-    """A draft distilled for a few steps: accepted often (tests multi-token acceptance)."""
-    import _distill
-    from sparrow_jax.models.draft import DraftConfig, SparrowDraft
+# Draft training for tests: the Trainer itself (one training code path), offline features of synthetic
+# samples (video + random text, and a few text-only ones; responses = the target's own greedy answers),
+# 150 cheap steps.
+DRAFT_TRAIN = dict(max_text=32, max_visual=16, steps=150, global_batch=8, lr=3e-3, warmup=2, log_every=50,
+                   save_every=10**6, tensorboard=False)
 
-    draft = SparrowDraft(DraftConfig.for_target(small_target.cfg), rngs=nnx.Rngs(12))
-    rng = np.random.default_rng(100)
-    cfg = small_target.cfg
-    prompts = [_tiny.prompt([_tiny.random_text(rng, int(rng.integers(3, 8)), _tiny.SMALL_TEXT_VOCAB),
-                             _tiny.visual(rng, (int(rng.integers(1, 3)), 4, 4)),
-                             _tiny.random_text(rng, 3, _tiny.SMALL_TEXT_VOCAB)], cfg) for _ in range(8)]
-    prompts += [_tiny.prompt([_tiny.random_text(rng, 6, _tiny.SMALL_TEXT_VOCAB)], cfg) for _ in range(4)]
-    _distill.distill(small_target, draft, prompts, steps=60)
-    return draft
+
+@pytest.fixture(scope="session")
+def train_draft(small_target, tmp_path_factory):
+    """train_draft(**TrainConfig overrides) -> a SparrowDraft trained by `Trainer` for `small_target`
+    (defaults: Sparrow = view none + IVSB + MTP 2). Cached per settings; features are extracted once
+    per kind of visual state and shared."""
+    from sparrow_jax.models.target import default_m_star
+    from sparrow_jax.synthetic.samples import synthetic_samples
+    from sparrow_jax.training.data import Sample
+    from sparrow_jax.training.features import FeatureSpec, extract_features
+    from sparrow_jax.training.trainer import TrainConfig, Trainer
+
+    root = tmp_path_factory.mktemp("drafts")
+    rng = np.random.default_rng(2)
+    samples = synthetic_samples(small_target.cfg, 32, seed=1, text_vocab=_tiny.SMALL_TEXT_VOCAB) + [  # + text-only
+        Sample(_tiny.prompt([_tiny.random_text(rng, int(rng.integers(4, 12)), _tiny.SMALL_TEXT_VOCAB)]), ())
+        for _ in range(8)]
+    m_star = default_m_star(small_target.cfg.num_layers)
+    feature_dirs, drafts = {}, {}
+
+    def features(spec: FeatureSpec):
+        if spec.visual is None:  # no visual slots: any feature set serves
+            spec = FeatureSpec(spec.m_star)
+        if spec not in feature_dirs:
+            d = root / f"features{len(feature_dirs)}"
+            extract_features(small_target, samples, d, spec=spec, regenerate=16, progress=False)
+            feature_dirs[spec] = d
+        return feature_dirs[spec]
+
+    def train(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in drafts:
+            cfg = TrainConfig(**{**DRAFT_TRAIN, **overrides, "out_dir": str(root / f"run{len(drafts)}")})
+            cfg = dataclasses.replace(cfg, features=str(features(cfg.feature_spec(m_star))))
+            trainer = Trainer(cfg, target=small_target, log=lambda *a: None)
+            trainer.run(progress=False)
+            drafts[key] = trainer.draft()
+        return drafts[key]
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def trained_draft(train_draft):
+    """A Sparrow draft (view none, IVSB, MTP 2) trained by the Trainer: accepted often (tests
+    multi-token acceptance)."""
+    return train_draft()

@@ -554,8 +554,7 @@ def distill(target, draft, prompts, continuations, *, steps=60, lr=3e-3):
     batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen)
     tgraph, tparams = nnx.split(target)
     pre = tg.prefill(tgraph, tparams, batch, capacity=batch.input_ids_BT.shape[1], m_star=1)
-    assert pre.text_hidden_BLD.shape[1] == idx.shape[1]  # text_only: the draft positions are the text positions
-    h_t = pre.text_hidden_BLD  # target's final-norm states there: what the draft output should match
+    h_t = tg._gather_rows(tg.forward(target, batch)[0], idx)  # the target's states at the draft's items: its targets
     p_t = jax.nn.softmax(target.logits(h_t), -1)
     valid = (jnp.arange(idx.shape[1])[None] < dlen[:, None]).astype(jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(idx.shape[1])[None], idx.shape)
@@ -622,7 +621,8 @@ def test_speculative_decoding_is_lossless(small_target, drafts, engine_prompts, 
     """Greedy speculative decoding (LLaVA-OV paper tree 30-4-8, batch of 4 rows with videos and
     multi-image prompts) is token-identical to the target's AR decoding."""
     cfg = E.EngineConfig(tree=TreeSpec.parse("30-4-8"), max_new_tokens=MAX_NEW_SPEC)
-    toks, res = E.generate(small_target, drafts[which], engine_prompts, cfg, mode=mode)
+    # Losslessness holds for any draft in any view: these text-only (view none) drafts run in both modes.
+    toks, res = E.generate(small_target, drafts[which], engine_prompts, cfg, mode=mode, allow_view_mismatch=True)
     for p, t, ref in zip(engine_prompts, toks, ar_reference):
         assert_lossless(small_target, p, t, ref)
     a = np.asarray(res.accepted_BR)

@@ -35,7 +35,7 @@ def _copy(tree):
 def _prefill(model, split, prompts, capacity=256):
     graphdef, params = split
     batch = prepare_prefill_batch(prompts, model.cfg)
-    return batch, tg.prefill(graphdef, params, batch, capacity=capacity, m_star=2)
+    return batch, tg.prefill(graphdef, params, batch, capacity=capacity, m_star=2, states=True)
 
 
 def test_prefill_outputs_agree_with_forward(model, split):

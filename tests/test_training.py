@@ -19,43 +19,52 @@ from safetensors.numpy import load_file
 import _tiny
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.synthetic.samples import synthetic_samples
-from sparrow_jax.training.data import ShardSource, collate, slot_layout
-from sparrow_jax.training.features import extract_features, fill_features, online_batch, records_for
+from sparrow_jax.training.data import CurriculumBatches, ShardSource, SlotSpec, collate, slot_layout
+from sparrow_jax.training.features import FeatureSpec, extract_features, fill_features, online_batch, records_for
 from sparrow_jax.training.losses import LossConfig, draft_loss, draft_passes, slot_inputs
 from sparrow_jax.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 L, M = 32, 16
+MID = FeatureSpec(m_star=1)  # IVSB's layer-m* visual states
+IVSB = SlotSpec("ivsb_mid")  # Sparrow's training layout (view none + IVSB)
 
 
 def test_ivsb_slot_layout_is_pinned():
-    is_vis = np.asarray([0, 0, 1, 1, 1, 0, 0], bool)  # text, <vs>, 3 visual, <ve>, text
-    src, is_text, pos, text_slot = slot_layout(is_vis, L=4, ivsb=True)
-    assert src.tolist() == [0, 1, 4, 5, 6, 2, 3]  # visual sources live after the L text sources
-    assert is_text.tolist() == [True, True, False, False, False, True, True]
-    assert pos.tolist() == [0, 1, 1, 1, 1, 2, 3]  # visual slots sit at the <vision_start> position
-    assert text_slot.tolist() == [0, 1, 5, 6]
-    src, is_text, pos, text_slot = slot_layout(is_vis, L=4, ivsb=False)
-    assert src.tolist() == [0, 1, 2, 3] and pos.tolist() == [0, 1, 2, 3] and text_slot.tolist() == [0, 1, 2, 3]
+    is_vis = np.asarray([0, 0, 1, 1, 1, 0, 0], bool)  # t0, <vs>, 3 visual, <ve>, text
+    # Official convention: the sequence starts at (t1, h0); t0 has no slot. Text items t1, t5, t6.
+    src, is_text, pos, text_slot = slot_layout(is_vis, L=4, view="ivsb_mid")
+    assert src.tolist() == [0, 4, 5, 6, 1, 2]  # visual sources live after the L text sources
+    assert is_text.tolist() == [True, False, False, False, True, True]
+    assert pos.tolist() == [0, 0, 0, 0, 1, 2]  # visual slots sit at the <vision_start> position
+    assert text_slot.tolist() == [0, 4, 5]
+    src, is_text, pos, text_slot = slot_layout(is_vis, L=4, view="none")
+    assert src.tolist() == [0, 1, 2] and pos.tolist() == [0, 1, 2] and text_slot.tolist() == [0, 1, 2]
+    src, is_text, pos, text_slot = slot_layout(is_vis, L=4, view="msd")  # full positions
+    assert src.tolist() == [0, 4, 5, 6, 1, 2] and pos.tolist() == [0, 1, 2, 3, 4, 5]
+    src, is_text, pos, text_slot = slot_layout(is_vis, L=4, view="pruned", kept_vis=[1])
+    assert src.tolist() == [0, 5, 1, 2] and pos.tolist() == [0, 1, 2, 3] and text_slot.tolist() == [0, 2, 3]
 
 
 @pytest.fixture(scope="module")
 def records(small_target):
     samples = synthetic_samples(small_target.cfg, 8, seed=1, text_vocab=_tiny.SMALL_TEXT_VOCAB)
-    return samples, records_for(small_target, samples, m_star=1)
+    return samples, records_for(small_target, samples, spec=MID)
 
 
 def test_mtp_pass_feeds_the_previous_slot_output(small_target, records):
     _, recs = records
     draft = SparrowDraft(DraftConfig.for_target(small_target.cfg), rngs=nnx.Rngs(0))
-    batch = jax.tree.map(jnp.asarray, collate(recs[:2], L=L, M=M, ivsb=True))
+    batch = jax.tree.map(jnp.asarray, collate(recs[:2], L=L, M=M, spec=IVSB))
     outs = draft_passes(draft, small_target.embed, batch, LossConfig(mtp_steps=1))
-    # Rebuild pass 1 by hand: text slot t's h_{t-1} is pass 0's output at slot t-1 (a visual slot for <vision_end>).
+    # Rebuild pass 1 by hand: text slot t's h_{t-1} is pass 0's output at slot t-1 (a visual slot for
+    # <vision_end>); the first slot keeps the target's h0.
     x0 = slot_inputs(draft, small_target.embed(batch.tok_BL), batch.hprev_BLD, batch)
     from sparrow_jax.models.attention import MaskSpec
     y0, _ = draft.run_layers(x0, batch.slot_pos_BS, MaskSpec(kv_len_B=batch.slot_len_B, causal=True))
     prev = np.asarray(batch.text_slot_BL) - 1
-    hprev1 = np.where(prev[..., None] >= 0, np.take_along_axis(np.asarray(y0), np.maximum(prev, 0)[..., None], 1), 0)
+    hprev1 = np.where(prev[..., None] >= 0, np.take_along_axis(np.asarray(y0), np.maximum(prev, 0)[..., None], 1),
+                      np.asarray(batch.hprev_BLD))
     x1 = slot_inputs(draft, small_target.embed(batch.tok_BL), jnp.asarray(hprev1), batch)
     y1, _ = draft.run_layers(x1, batch.slot_pos_BS, MaskSpec(kv_len_B=batch.slot_len_B, causal=True))
     y1_text = np.take_along_axis(np.asarray(y1), np.asarray(batch.text_slot_BL)[..., None], 1)
@@ -68,8 +77,8 @@ def test_online_and_offline_features_give_the_same_loss(small_target, records):
     samples, recs = records
     draft = SparrowDraft(DraftConfig.for_target(small_target.cfg), rngs=nnx.Rngs(0))
     lcfg = LossConfig()
-    off = jax.tree.map(jnp.asarray, collate(recs[:4], L=L, M=M, ivsb=True))
-    on = fill_features(small_target, online_batch(samples[:4], small_target.cfg, L=L, M=M, ivsb=True), m_star=1)
+    off = jax.tree.map(jnp.asarray, collate(recs[:4], L=L, M=M, spec=IVSB))
+    on = fill_features(small_target, online_batch(samples[:4], small_target.cfg, L=L, M=M, slots=IVSB), MID)
     l_off, m_off = draft_loss(draft, small_target.embed, small_target.logits, off, lcfg)
     l_on, m_on = draft_loss(draft, small_target.embed, small_target.logits, on, lcfg)
     assert abs(float(l_off) - float(l_on)) <= 1e-5
@@ -87,27 +96,43 @@ def _config_file(tmp):
 def feature_dir(small_target, tmp_path_factory):
     d = tmp_path_factory.mktemp("features")
     samples = synthetic_samples(small_target.cfg, 48, seed=2, text_vocab=_tiny.SMALL_TEXT_VOCAB)
-    extract_features(small_target, samples, d, m_star=1, shard_size=16, progress=False)
+    extract_features(small_target, samples, d, spec=MID, shard_size=16, progress=False)
     return d
 
 
 def _base_overrides(d, features, out):
     return [f"target_config={_config_file(d)}", "target_seed=7", f"features={features}", f"out_dir={out}",
-            f"max_text={L}", f"max_visual={M}", "global_batch=8", "lr=0.003", "warmup=2", "log_every=1",
+            f"max_text={L}", f"max_visual={M}", "m_star=1", "global_batch=8", "lr=0.003", "warmup=2", "log_every=1",
             "tensorboard=false"]
+
+
+def test_msd_curriculum_text_first_then_a_rising_visual_share_and_exact_resume():
+    visual = np.arange(40) % 4 != 0  # 10 text-only records, 30 visual
+    it = CurriculumBatches(visual, 64, seed=3, text_steps=5, ramp_steps=10)
+    shares = [visual[next(it)].mean() for _ in range(20)]
+    assert shares[:5] == [0.0] * 5  # text-only first
+    assert shares[-5:] == [1.0] * 5  # then only visual
+    assert shares[7] < shares[10] < shares[13], shares  # rising in between (64 rows: loose enough)
+    state = it.get_state()
+    ahead = [next(it).tolist() for _ in range(3)]
+    it2 = CurriculumBatches(visual, 64, seed=3, text_steps=5, ramp_steps=10)
+    it2.set_state(state)
+    assert [next(it2).tolist() for _ in range(3)] == ahead
+    with pytest.raises(ValueError, match="needs text-only and visual records"):
+        CurriculumBatches(np.ones(8, bool), 4, seed=0, text_steps=1, ramp_steps=1)
 
 
 def test_extraction_is_resumable_and_indexed(feature_dir, small_target):
     src = ShardSource(feature_dir)
     assert len(src) == 48 and src.meta["m_star"] == 1
     before = (Path(feature_dir) / "features-00001.safetensors").stat().st_mtime_ns
-    extract_features(small_target, [None] * 48, feature_dir, m_star=1, shard_size=16, progress=False)  # all done
+    extract_features(small_target, [None] * 48, feature_dir, spec=MID, shard_size=16, progress=False)  # all done
     assert (Path(feature_dir) / "features-00001.safetensors").stat().st_mtime_ns == before
 
 
 def test_learning_lowers_loss_and_raises_heldout_top1(small_target, feature_dir, tmp_path):
     held = records_for(small_target, synthetic_samples(small_target.cfg, 8, seed=99, text_vocab=_tiny.SMALL_TEXT_VOCAB),
-                       m_star=1)
+                       spec=MID)
     cfg = TrainConfig.from_file_and_overrides(None, _base_overrides(tmp_path, feature_dir, tmp_path / "run") +
                                               ["steps=40", "save_every=100", "mtp_steps=1"])
     tr = Trainer(cfg)

@@ -1,6 +1,7 @@
 """The jitted speculative decoding engine (SPEC §2).
 
-After prefill (target on the whole prompt, draft on its own sequence), the whole generation is one
+After prefill (target on the whole prompt; draft on its own items, laid out by the visual view it was
+trained for — models/views.py — from (t1, h0) on, as the official code), the whole generation is one
 `jax.lax.while_loop` over rounds; each round, for B static rows at once:
 
 1. draft catch-up: the draft processes the pending (token, target hidden) pairs — the path accepted
@@ -33,9 +34,13 @@ from sparrow_jax.decoding.sampling import SamplingParams, select_tokens
 from sparrow_jax.decoding.tree import Tree, TreeSpec, select_tree
 from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models import target as tg
+from sparrow_jax.models import views
 from sparrow_jax.models.kv_cache import KVCache, commit
 
-VISUAL_MODES = ("text_only", "full_visual", "pruned_visual")
+# Decode modes and the draft view each runs (models/views.py): text_only = Sparrow/EAGLE (view none),
+# ivsb_mid = bridged layer-m* visual states, full_visual = MSD-style, pruned_visual = pruned-visual
+# EAGLE-style draft (SpecVLM's token drop, not SpecVLM itself).
+VISUAL_MODES = views.MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,52 +82,80 @@ class SpecResult:
 # ----------------------------------------------------------------------------------- host helpers
 
 
-PRUNE_RULES = ("uniform", "attention")
+PRUNE_RULES = views.PRUNE_RULES
 
 
-def draft_positions(prompts, mode: str, T: int, keep_fraction: float = 0.25):
-    """Positions forming the draft's sequence per row, right-padded: `text_only` (Sparrow VATA: text
-    only, compacted), `full_visual` (every position), `pruned_visual` (text + an evenly spaced
-    `keep_fraction` of the visual positions). Returns (idx_BP, len_B, keep_vis_B)."""
-    if mode not in VISUAL_MODES:
-        raise ValueError(f"visual mode {mode!r}: expected one of {VISUAL_MODES}")
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+@dataclasses.dataclass(frozen=True)
+class DraftLayout:
+    """The draft's items for a batch in one view (host-built from `views.sequence_layout`, right-padded
+    to a bucket). With pruning by attention the visual items are chosen on device in prefill:
+    `idx_BP` is then a placeholder and `keep_vis_B` the visual count per row."""
+
+    view: str
+    idx_BP: jax.Array  # sequence positions of the items
+    pos_BP: jax.Array  # their draft (RoPE) positions
+    len_B: jax.Array
+    next_pos_B: jax.Array  # draft position of the first generated token's item
+    keep_vis_B: jax.Array
+    by_attention: bool = False
+
+
+def draft_layout(prompts, view: str, *, keep_fraction: float = views.DEFAULT_KEEP_FRACTION,
+                 prune_by: str = "uniform") -> DraftLayout:
+    """Host: the draft's items per prompt in `view` (see models/views.py)."""
+    views.check_view(view)
+    views.check_prune(keep_fraction, prune_by)
+    by_attention = view == "pruned" and prune_by == "attention"
     rows, keeps = [], []
     for p in prompts:
-        types = np.asarray(p.mm_token_type_ids)
-        if mode == "text_only":
-            keep = types == 0
-        elif mode == "full_visual":
-            keep = np.ones_like(types, bool)
+        is_vis = np.asarray(p.mm_token_type_ids) != 0
+        n_vis = int(is_vis.sum())
+        kept = views.kept_visual(n_vis, keep_fraction) if view == "pruned" else None
+        if by_attention:  # device picks the visual items: size the rows, positions are item indices
+            src, _, _, _ = views.sequence_layout(is_vis, "none")
+            n = len(src) + len(kept)
+            rows.append((np.zeros(n, np.int64), np.arange(n), n))
         else:
-            keep = types == 0
-            vis = np.nonzero(types != 0)[0]
-            n_keep = max(1, int(round(keep_fraction * len(vis)))) if len(vis) else 0
-            if n_keep:
-                keep[vis[np.linspace(0, len(vis) - 1, n_keep).round().astype(int)]] = True
-            keeps.append(n_keep)
-        rows.append(np.nonzero(keep)[0])
-    P = tg.bucket(max(len(r) for r in rows))
-    idx = np.zeros((len(rows), P), np.int32)
-    for b, r in enumerate(rows):
-        idx[b, :len(r)] = r
+            src, _, pos, nxt = views.sequence_layout(is_vis, view, kept)
+            rows.append((src, pos, nxt))
+        keeps.append(0 if kept is None else len(kept))
+    P = tg.bucket(max(len(r[0]) for r in rows))
+    idx, pos = np.zeros((len(rows), P), np.int32), np.zeros((len(rows), P), np.int32)
+    for b, (src, ps, _) in enumerate(rows):
+        idx[b, :len(src)], pos[b, :len(src)] = src, ps
+        pos[b, len(src):] = ps[-1] + 1 + np.arange(P - len(src)) if len(src) else np.arange(P)
+    return DraftLayout(view, jnp.asarray(idx), jnp.asarray(pos), jnp.asarray([len(r[0]) for r in rows], jnp.int32),
+                       jnp.asarray([r[2] for r in rows], jnp.int32), jnp.asarray(keeps, jnp.int32), by_attention)
+
+
+def draft_positions(prompts, mode: str, T: int, keep_fraction: float = views.DEFAULT_KEEP_FRACTION):
+    """Sequence positions of the draft's items for `mode`'s view (uniform pruning), right-padded:
+    (idx_BP, len_B, keep_vis_B). See `draft_layout` for the positions and the other fields."""
     del T
-    keep_vis = jnp.asarray(keeps if keeps else [0] * len(rows), jnp.int32)
-    return jnp.asarray(idx), jnp.asarray([len(r) for r in rows], jnp.int32), keep_vis
+    lay = draft_layout(prompts, views.view_for_mode(mode), keep_fraction=keep_fraction)
+    return lay.idx_BP, lay.len_B, lay.keep_vis_B
 
 
-@partial(jax.jit, static_argnames=("dgraph", "capacity", "impl"))
-def draft_prefill(dgraph, dparams, e_BPD, hprev_BPD, len_B, *, capacity: int, impl: str = "xla") -> KVCache:
-    """Run the draft over its prompt sequence and return its cache (rows valid up to len_B)."""
+def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: str = "xla"):
+    """The draft over its items (views: text items through the FC, visual items as given): output
+    states [B, P, D] and per-layer K/V. The same function the trainer's pass 0 computes per slot."""
+    x = draft.view_input(e_BPD, hprev_BPD, text_BP)
+    return draft.run_layers(x, pos_BP, attn_lib.MaskSpec(kv_len_B=len_B, causal=True), impl=impl)
+
+
+@partial(jax.jit, static_argnames=("dgraph", "capacity", "impl", "outputs"))
+def draft_prefill(dgraph, dparams, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, next_pos_B, *, capacity: int,
+                  impl: str = "xla", outputs: bool = False):
+    """Run the draft over its prompt items and return its cache (rows valid up to len_B; the next item
+    sits at draft position next_pos_B), and with `outputs` also the output states [B, P, D]."""
     draft = nnx.merge(dgraph, dparams)
     B, P, _ = e_BPD.shape
-    pos = jnp.broadcast_to(jnp.arange(P)[None], (B, P))
-    _, kvs = draft(e_BPD, hprev_BPD, pos, attn_lib.MaskSpec(kv_len_B=len_B, causal=True), impl=impl)
+    h_BPD, kvs = draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl)
     cfg = draft.cfg
     cache = KVCache.empty(cfg.num_layers, B, capacity, cfg.num_key_value_heads, cfg.head_dim, e_BPD.dtype)
-    zeros = jnp.zeros((B, P), jnp.int32) + jnp.arange(P)[None]
-    return commit(cache, kvs, zeros, len_B)
+    cache = dataclasses.replace(commit(cache, kvs, jnp.broadcast_to(jnp.arange(P)[None], (B, P)), len_B),
+                                pos_offset_B=(next_pos_B - len_B).astype(jnp.int32))
+    return (cache, h_BPD) if outputs else cache
 
 
 # --------------------------------------------------------------------------------------- the loop
@@ -137,7 +170,7 @@ def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec
     """EAGLE-2 expansion (see tree.py; cnets1.py `topK_genrate`): level 1 from the root's draft output,
     then `spec.depth` steps, each feeding the k-node frontier and adding its k*k children, so levels run
     1..depth+1. The root's pair is already in the draft cache, so the root sits at draft position
-    length - 1 and a node of level d at length - 1 + d."""
+    p = dcache.next_position() - 1 (= length - 1 unless the view offsets positions) and a node of level d at p + d."""
     B = root_B.shape[0]
     K, D, P, F = spec.top_k, spec.max_draft_tokens, spec.pool_size, spec.fed_nodes
     logp1 = jax.nn.log_softmax(target.logits(h_root_BD).astype(jnp.float32), -1)
@@ -163,7 +196,7 @@ def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec
                                   False)
             fed_anc = fed_anc.at[:, slots].set(inherited | own)
             block_mask = jnp.concatenate([inherited, jnp.broadcast_to(jnp.eye(K, dtype=bool)[None], (B, K, K))], -1)
-            pos = jnp.broadcast_to((dcache.lengths_B - 1 + (s - 1))[:, None], (B, K))
+            pos = jnp.broadcast_to((dcache.next_position() - 1 + (s - 1))[:, None], (B, K))
             mask = attn_lib.MaskSpec(kv_len_B=dcache.lengths_B, block_mask_BTN=block_mask)
             out_h, kvs = draft(target.embed(front_tok), front_h, pos, mask, caches=caches, impl=impl, block_prefix=fed)
             fed = [(fk.at[:, slots].set(k), fv.at[:, slots].set(v)) for (fk, fv), (k, v) in zip(fed, kvs)]
@@ -195,7 +228,7 @@ def draft_phase(target, draft, dcache: KVCache, pend_tok_BL, pend_h_BLD, pend_n_
     """Catch-up on the pending pairs (committed to the draft cache), then the draft tree."""
     B, L = pend_tok_BL.shape
     arL = jnp.arange(L)
-    dpos = dcache.lengths_B[:, None] + arL[None]
+    dpos = dcache.next_position()[:, None] + arL[None]
     blk = jnp.tril(jnp.ones((L, L), bool))[None] & (arL[None, None] < pend_n_B[:, None, None])
     h_out, kvs = draft(target.embed(pend_tok_BL), pend_h_BLD, dpos,
                        attn_lib.MaskSpec(kv_len_B=dcache.lengths_B, block_mask_BTN=blk),
@@ -314,42 +347,55 @@ class Prepared:
     pre: tg.PrefillOutput
     dcache: KVCache
     batch: tg.PrefillBatch
+    layout: DraftLayout | None = None
+    draft_out_BPD: jax.Array | None = None  # the draft's outputs at its prompt items (prepare(draft_outputs=True))
 
 
 def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only",
-            keep_fraction: float = 0.25, prune_by: str = "uniform", m_star: int | None = None,
-            prepare_batch=None) -> Prepared:
+            keep_fraction: float | None = None, prune_by: str | None = None, m_star: int | None = None,
+            prepare_batch=None, allow_view_mismatch: bool = False, draft_outputs: bool = False) -> Prepared:
     """Host: build the padded batch for `mode`, run the target prefill and the draft prefill.
-    pruned_visual keeps `keep_fraction` of the visual positions, evenly spaced (`prune_by="uniform"`)
-    or the ones the last prompt token attends to most at layer m* (`"attention"`)."""
-    if prune_by not in PRUNE_RULES:
-        raise ValueError(f"prune_by {prune_by!r}: expected one of {PRUNE_RULES}")
+
+    `mode` runs a visual view (views.MODE_VIEW); a draft trained for another view
+    (`draft.cfg.visual_view`) is refused (views.ViewMismatchError) unless `allow_view_mismatch`.
+    m*, and for pruned_visual the kept fraction and rule ("uniform": evenly spaced; "attention": most
+    attended by the last prompt token at layer m*), default to what the draft was trained with."""
+    dcfg = draft_model.cfg
+    view = views.check_draft_view(dcfg.visual_view, mode, allow_mismatch=allow_view_mismatch)
+    keep_fraction = dcfg.visual_keep_fraction if keep_fraction is None else keep_fraction
+    prune_by = dcfg.visual_prune_by if prune_by is None else prune_by
+    views.check_prune(keep_fraction, prune_by)
     if cfg.tree.top_k > target_model.cfg.text.vocab_size:
         raise ValueError(f"tree {cfg.tree}: top_k {cfg.tree.top_k} exceeds the vocabulary ({target_model.cfg.text.vocab_size})")
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
     tcfg = target_model.cfg
+    if m_star is None:
+        m_star = dcfg.m_star if dcfg.m_star is not None else tg.default_m_star(tcfg.num_layers)
     batch = (prepare_batch or prepare_batch_for(tcfg))(prompts, tcfg)
     T = batch.input_ids_BT.shape[1]
     tg.check_context(batch, tcfg.text, cfg.max_new_tokens)
-    idx, dlen, keep_vis = draft_positions(prompts, mode, T, keep_fraction)
-    batch = dataclasses.replace(batch, draft_idx_BP=idx, draft_len_B=dlen, draft_keep_vis_B=keep_vis,
-                                draft_by_attention=mode == "pruned_visual" and prune_by == "attention")
+    lay = draft_layout(prompts, view, keep_fraction=keep_fraction, prune_by=prune_by)
+    batch = dataclasses.replace(batch, draft_idx_BP=lay.idx_BP, draft_len_B=lay.len_B, draft_keep_vis_B=lay.keep_vis_B,
+                                draft_by_attention=lay.by_attention, draft_visual_state=views.visual_state(view))
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)
     pre = tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, cfg.max_new_tokens, cfg.cache_slack),
-                     m_star=tg.default_m_star(tcfg.num_layers) if m_star is None else m_star, impl=cfg.impl)
-    dcache = draft_prefill(dgraph, dparams, pre.draft_e_BPD, pre.draft_hprev_BPD, dlen,
-                           capacity=cache_capacity(idx.shape[1], cfg.max_new_tokens, cfg.cache_slack),
-                           impl=cfg.impl)
-    return Prepared(pre, dcache, batch)
+                     m_star=m_star, impl=cfg.impl)
+    out = draft_prefill(dgraph, dparams, pre.draft_e_BPD, pre.draft_hprev_BPD, pre.draft_text_BP, lay.pos_BP,
+                        lay.len_B, lay.next_pos_B,
+                        capacity=cache_capacity(lay.idx_BP.shape[1], cfg.max_new_tokens, cfg.cache_slack),
+                        impl=cfg.impl, outputs=draft_outputs)
+    dcache, h_BPD = out if draft_outputs else (out, None)
+    return Prepared(pre, dcache, batch, lay, h_BPD)
 
 
 def generate(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only", seed: int = 0,
-             keep_fraction: float = 0.25, prune_by: str = "uniform", prepare_batch=None):
+             keep_fraction: float | None = None, prune_by: str | None = None, prepare_batch=None,
+             allow_view_mismatch: bool = False):
     """prompts -> (list of token lists, SpecResult). Convenience for tests and scripts."""
     p = prepare(target_model, draft_model, prompts, cfg, mode=mode, keep_fraction=keep_fraction, prune_by=prune_by,
-                prepare_batch=prepare_batch)
+                prepare_batch=prepare_batch, allow_view_mismatch=allow_view_mismatch)
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)
     res = speculative_generate(tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV,

@@ -2,9 +2,9 @@
 target's LM family (the first without input norm, no final norm). The target's embedding and LM head
 are shared and frozen: the engine passes embeddings in and applies the target's head to the output.
 
-The draft sees a sequence of (e_t, h_{t-1}) pairs with plain 1-D RoPE over its own compacted positions.
-Which positions form that sequence (text only, all, or text + some visual) is the engine's visual mode,
-not a property of the weights. At the first prompt position h_{-1} is zero.
+The draft sees a sequence of items with plain 1-D RoPE over its own positions: text items (e_t, h_{t-1})
+through the FC, and, depending on its *visual view* (models/views.py), visual items that bypass the FC.
+The sequence starts at (t1, h0) (official convention). The view is fixed by training and stored here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from sparrow_jax.models import views
 from sparrow_jax.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_1d
 
 
@@ -35,6 +36,18 @@ class DraftConfig:
     qkv_bias: bool = True  # Qwen2 family
     normalize_embeddings: bool = True  # Sparrow's RMSNorm(e_t); EAGLE-1 drafts feed e_t raw
     family: str = "qwen2"
+    # What the draft was trained to see (models/views.py); the engine refuses other views by default.
+    visual_view: str = "none"
+    m_star: int | None = None  # target layer of the visual bridge in training (None: the target's default)
+    visual_keep_fraction: float = views.DEFAULT_KEEP_FRACTION  # pruned view only
+    visual_prune_by: str = "uniform"  # pruned view only: "uniform" or "attention"
+
+    def __post_init__(self):
+        try:
+            views.check_view(self.visual_view, "DraftConfig.visual_view")
+            views.check_prune(self.visual_keep_fraction, self.visual_prune_by, "DraftConfig")
+        except ValueError as e:
+            raise DraftConfigError(str(e)) from None
 
     @property
     def head_dim(self) -> int:
@@ -61,6 +74,8 @@ class DraftConfig:
             problems.append(f"vocab {self.vocab_size} != target {t.vocab_size}")
         if self.family != "qwen2":
             problems.append(f"family {self.family!r} != target LM family 'qwen2'")
+        if self.m_star is not None and not 0 < self.m_star < target_cfg.num_layers:
+            problems.append(f"m_star {self.m_star} is not inside the target's {target_cfg.num_layers} layers")
         if problems:
             raise DraftConfigError(f"{source} does not fit target {target_cfg.family}: " + "; ".join(problems))
 
@@ -111,6 +126,12 @@ class SparrowDraft(nnx.Module):
         """z_t = FC([RMSNorm(e_t); h_{t-1}])."""
         e = self.embed_norm(e_BTD) if self.embed_norm is not None else e_BTD
         return self.fc(jnp.concatenate([e, hprev_BTD.astype(e.dtype)], axis=-1))
+
+    def view_input(self, e_BTD, hprev_BTD, is_text_BT):
+        """Draft inputs of a view's items: z_t on text items; a visual item's state (given in e_BTD)
+        goes in as is, bypassing the FC."""
+        z_BTD = self.hsr_input(e_BTD, hprev_BTD)
+        return jnp.where(is_text_BT[..., None], z_BTD, e_BTD.astype(z_BTD.dtype))
 
     def __call__(self, e_BTD, hprev_BTD, positions_BT, mask, caches=None, impl="xla", block_prefix=None):
         """Returns the draft output states ĥ [B, T, D] (feed them to the target's LM head) and the

@@ -20,6 +20,13 @@ class KVCache:
     k: tuple[jax.Array, ...]  # per layer [B, S, K, E]
     v: tuple[jax.Array, ...]
     lengths_B: jax.Array  # int32 committed length per row
+    # RoPE position of slot i is i + pos_offset_B (None: 0). A draft whose positions are not its slot
+    # indices (the ivsb_mid view: visual items share a text item's position) decodes from an offset.
+    pos_offset_B: jax.Array | None = None
+
+    def next_position(self):
+        """[B] position of the next entry of each row."""
+        return self.lengths_B if self.pos_offset_B is None else self.lengths_B + self.pos_offset_B
 
     @property
     def capacity(self) -> int:
@@ -53,4 +60,4 @@ def commit(cache: KVCache, block_kv, accept_idx_BN, counts_B) -> KVCache:
     take = lambda x_BNKE: jnp.take_along_axis(x_BNKE, accept_idx_BN[:, :, None, None], axis=1)  # noqa: E731
     ks = tuple(write_rows(c, take(k), cache.lengths_B) for c, (k, _) in zip(cache.k, block_kv))
     vs = tuple(write_rows(c, take(v), cache.lengths_B) for c, (_, v) in zip(cache.v, block_kv))
-    return KVCache(ks, vs, cache.lengths_B + counts_B.astype(jnp.int32))
+    return dataclasses.replace(cache, k=ks, v=vs, lengths_B=cache.lengths_B + counts_B.astype(jnp.int32))

@@ -53,12 +53,15 @@ class PrefillBatch:
     pixels_PC: jax.Array | None = None  # all visuals' flattened patches, concatenated
     vision_layout: object | None = None  # family-specific pytree (e.g. qwen2_5_vl.VisionLayout)
     visual_dest: jax.Array | None = None  # [num visual tokens] flat index b*T + t
-    draft_idx_BP: jax.Array | None = None  # positions forming the draft's sequence (visual mode), right-padded
+    draft_idx_BP: jax.Array | None = None  # positions of the draft's items (its visual view), right-padded
     draft_len_B: jax.Array | None = None
-    # pruned_visual by attention: keep this many visual positions per row, chosen on device by the
+    # pruned view by attention: keep this many visual positions per row, chosen on device by the
     # last prompt token's attention at layer m* (draft_idx_BP is then only a shape placeholder).
     draft_keep_vis_B: jax.Array | None = None
     draft_by_attention: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # what the draft's visual items carry (views.visual_state): "mid" (layer-m* state), "embed" (input
+    # embedding of the visual token) or None (the view has no visual items)
+    draft_visual_state: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -66,13 +69,16 @@ class PrefillBatch:
 class PrefillOutput:
     cache: KVCache
     last_logits_BV: jax.Array  # logits at each row's last prompt position
-    text_hidden_BLD: jax.Array  # final-norm hidden states at the text positions (what the LM head reads)
-    vis_hidden_mid_BMD: jax.Array  # hidden states of the visual positions after layer m*
     rope_delta_B: jax.Array
     last_hidden_BD: jax.Array  # final-norm hidden at each row's last prompt position (h_{T-1})
-    draft_e_BPD: jax.Array | None = None  # input embeddings at draft_idx (token or visual features)
-    draft_hprev_BPD: jax.Array | None = None  # final-norm hidden at draft_idx - 1 (zero at position 0)
+    # Only with prefill(states=True) (analysis, tests; nothing in decoding reads them):
+    text_hidden_BLD: jax.Array | None = None  # final-norm hidden states at the text positions
+    vis_hidden_mid_BMD: jax.Array | None = None  # hidden states of the visual positions after layer m*
+    # The draft's items (with batch.draft_idx_BP):
+    draft_e_BPD: jax.Array | None = None  # text item: token embedding e_t; visual item: the view's visual state
+    draft_hprev_BPD: jax.Array | None = None  # final-norm hidden at draft_idx - 1 (items start at t = 1)
     draft_idx_BP: jax.Array | None = None  # the positions actually used (chosen on device when pruning by attention)
+    draft_text_BP: jax.Array | None = None  # bool: the item is a text position (HSR input through the FC)
 
 
 @jax.tree_util.register_dataclass
@@ -122,6 +128,18 @@ def _gather_rows(x_BTD, idx_BL):
     return jnp.take_along_axis(x_BTD, idx_BL[:, :, None], axis=1)
 
 
+def hidden_before(h_BTD, idx_BP):
+    """h_{t-1} for items at positions t >= 1 (the draft's HSR pairing; padding entries read row 0)."""
+    return _gather_rows(h_BTD, jnp.maximum(idx_BP - 1, 0))
+
+
+def visual_mask(batch: PrefillBatch):
+    """[B, T] bool: the position holds a visual token."""
+    B, T = batch.input_ids_BT.shape
+    valid = jnp.arange(batch.vis_idx_BM.shape[1])[None] < batch.vis_len_B[:, None]
+    return jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], batch.vis_idx_BM].max(valid)
+
+
 def last_token_attention(model, batch: PrefillBatch, x_in_BTD, k_BTKE, layer: int):
     """Attention of each row's last prompt token over the prompt at decoder layer `layer` (input
     hidden x_in, roped keys k), averaged over heads: [B, T], zero past each row's length."""
@@ -146,54 +164,57 @@ def last_token_attention(model, batch: PrefillBatch, x_in_BTD, k_BTKE, layer: in
 
 
 def _attention_pruned_idx(batch: PrefillBatch, score_BT, P: int):
-    """Text positions plus each row's `draft_keep_vis_B` most-attended visual positions, in order."""
+    """The pruned view's items: text positions plus each row's `draft_keep_vis_B` most-attended visual
+    positions, in order, from t = 1 (views.sequence_layout with views.kept_visual's ranking)."""
     B, T = score_BT.shape
     t = jnp.arange(T)[None]
-    valid = t < batch.lengths_B[:, None]
-    is_vis = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], batch.vis_idx_BM].set(
-        jnp.arange(batch.vis_idx_BM.shape[1])[None] < batch.vis_len_B[:, None])
+    valid = (t < batch.lengths_B[:, None]) & (t >= 1)
+    is_vis = visual_mask(batch)
     vis_score = jnp.where(is_vis & valid, score_BT, -jnp.inf)
-    rank = jnp.argsort(jnp.argsort(-vis_score, axis=-1), axis=-1)
+    rank = jnp.argsort(jnp.argsort(-vis_score, axis=-1, stable=True), axis=-1)
     keep = (valid & ~is_vis) | (is_vis & valid & (rank < batch.draft_keep_vis_B[:, None]))
     order = jnp.argsort(jnp.where(keep, t, T + t), axis=-1)[:, :P]
     return order.astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl"))
-def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla") -> PrefillOutput:
+@partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl", "states"))
+def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla",
+            states: bool = False) -> PrefillOutput:
     """Run the target on the whole prompt (video included). `capacity` is the cache length S, which
-    must cover prompt + generated tokens + one verify block."""
+    must cover prompt + generated tokens + one verify block. Only what is asked for leaves the call:
+    the draft's items when `batch.draft_idx_BP` is set (layer-m* states only for a view or pruning
+    rule that reads them), the all-position text / layer-m* visual states only with `states=True`."""
     model = nnx.merge(graphdef, params)
     B, T = batch.input_ids_BT.shape
     assert capacity >= T, (capacity, T)
     with_draft = batch.draft_idx_BP is not None
     assert 0 < m_star < model.cfg.num_layers, f"m_star {m_star} must be inside the decoder stack"
-    h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=(m_star, 0) if with_draft else (m_star,))
+    need_mid = states or (with_draft and (batch.draft_by_attention or batch.draft_visual_state == "mid"))
+    capture = ((m_star,) if need_mid else ()) + ((0,) if with_draft else ())
+    h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=capture)
     cfg = model.cfg.text
     cache = KVCache.empty(len(kvs), B, capacity, cfg.num_key_value_heads, cfg.head_dim, h_BTD.dtype)
     zeros_B = jnp.zeros((B,), jnp.int32)
     cache = KVCache(tuple(write_rows(c, k, zeros_B) for c, (k, _) in zip(cache.k, kvs)),
                     tuple(write_rows(c, v, zeros_B) for c, (_, v) in zip(cache.v, kvs)), batch.lengths_B)
     last_BD = _gather_rows(h_BTD, (batch.lengths_B - 1)[:, None])[:, 0]
-    draft_e = draft_hprev = None
+    draft = {}
     if with_draft:
         idx = batch.draft_idx_BP
         if batch.draft_by_attention:
             score = last_token_attention(model, batch, captured[m_star], kvs[m_star][0], m_star)
             idx = _attention_pruned_idx(batch, score, idx.shape[1])
-        draft_e = _gather_rows(captured[0], idx)
-        draft_hprev = jnp.where((idx > 0)[..., None], _gather_rows(h_BTD, jnp.maximum(idx - 1, 0)), 0)
-    return PrefillOutput(
-        cache=cache,
-        last_logits_BV=model.logits(last_BD).astype(jnp.float32),
-        text_hidden_BLD=_gather_rows(h_BTD, batch.text_idx_BL),
-        vis_hidden_mid_BMD=_gather_rows(captured[m_star], batch.vis_idx_BM),
-        rope_delta_B=batch.rope_delta_B,
-        last_hidden_BD=last_BD,
-        draft_e_BPD=draft_e,
-        draft_hprev_BPD=draft_hprev,
-        draft_idx_BP=idx if with_draft else None,
-    )
+        is_text = ~_gather_rows(visual_mask(batch)[..., None], idx)[..., 0]
+        e = _gather_rows(captured[0], idx)
+        if batch.draft_visual_state == "mid":  # ivsb_mid: visual items carry the layer-m* state
+            e = jnp.where(is_text[..., None], e, _gather_rows(captured[m_star], idx))
+        draft = dict(draft_e_BPD=e, draft_hprev_BPD=hidden_before(h_BTD, idx), draft_idx_BP=idx,
+                     draft_text_BP=is_text)
+    if states:
+        draft.update(text_hidden_BLD=_gather_rows(h_BTD, batch.text_idx_BL),
+                     vis_hidden_mid_BMD=_gather_rows(captured[m_star], batch.vis_idx_BM))
+    return PrefillOutput(cache=cache, last_logits_BV=model.logits(last_BD).astype(jnp.float32),
+                         rope_delta_B=batch.rope_delta_B, last_hidden_BD=last_BD, **draft)
 
 
 def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, impl="xla") -> VerifyOutput:

@@ -13,22 +13,59 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.models import target as tg
-from sparrow_jax.training.data import FeatureRecord, Sample, TrainBatch, collate, read_index, sample_sequence, \
-    text_layout, write_shard
+from sparrow_jax.training.data import FEATURE_FORMAT, FeatureRecord, Sample, SlotSpec, TrainBatch, collate, \
+    read_index, sample_sequence, text_layout, write_shard
 
 
-def target_features(target, batch: tg.PrefillBatch, m_star: int):
-    """(h [B, L, D], hprev [B, L, D], vis [B, M, D]) at batch.text_idx_BL / batch.vis_idx_BM."""
-    h_BTD, _, cap = tg.forward(target, batch, capture=(m_star,))
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Which target features a draft's training view reads: the visual state its visual slots carry
+    (`views.visual_state` of the training view: "mid" = after layer m*, "embed" = the target's input
+    embedding, None = no visual slots) and, for pruning by attention, the last prompt token's
+    attention to the visual positions at layer m*."""
+
+    m_star: int
+    visual: str | None = "mid"
+    scores: bool = False
+
+    @property
+    def vis_layer(self) -> int | None:
+        return {"mid": self.m_star, "embed": 0, None: None}[self.visual]
+
+    def meta(self) -> dict:
+        return {"m_star": self.m_star, "visual": self.visual, "scores": self.scores, "format": FEATURE_FORMAT}
+
+    def mismatch(self, meta: dict) -> str | None:
+        """Why features extracted with `meta` cannot serve this spec (None when they can)."""
+        if meta.get("format") != FEATURE_FORMAT:
+            return f"feature format {meta.get('format')}, not {FEATURE_FORMAT}"
+        if self.visual is not None and meta.get("visual") != self.visual:
+            return f"visual states {meta.get('visual')!r}, not {self.visual!r}"
+        if (self.visual == "mid" or self.scores) and meta.get("m_star") != self.m_star:
+            return f"m* {meta.get('m_star')}, not {self.m_star}"
+        if self.scores and not meta.get("scores"):
+            return "no attention scores (pruning by attention needs them)"
+        return None
+
+
+def target_features(target, batch: tg.PrefillBatch, spec: FeatureSpec, prompt_len_B=None):
+    """(h [B, L, D], hprev [B, L, D], vis [B, M, D] | None, vis_score [B, M] | None) at batch.text_idx_BL /
+    batch.vis_idx_BM. vis_score needs each row's prompt length (the attending token is the last one)."""
+    capture = tuple(sorted({i for i in (spec.vis_layer, spec.m_star if spec.scores else None) if i is not None}))
+    h_BTD, kvs, cap = tg.forward(target, batch, capture=capture)
     idx = batch.text_idx_BL
-    h = tg._gather_rows(h_BTD, idx)
-    hprev = jnp.where((idx > 0)[..., None], tg._gather_rows(h_BTD, jnp.maximum(idx - 1, 0)), 0)
-    return h, hprev, tg._gather_rows(cap[m_star], batch.vis_idx_BM)
+    vis = None if spec.vis_layer is None else tg._gather_rows(cap[spec.vis_layer], batch.vis_idx_BM)
+    score = None
+    if spec.scores:
+        at_prompt = dataclasses.replace(batch, lengths_B=prompt_len_B)
+        s_BT = tg.last_token_attention(target, at_prompt, cap[spec.m_star], kvs[spec.m_star][0], spec.m_star)
+        score = jnp.take_along_axis(s_BT, batch.vis_idx_BM, axis=1)
+    return tg._gather_rows(h_BTD, idx), tg.hidden_before(h_BTD, idx), vis, score
 
 
-@partial(jax.jit, static_argnames=("graphdef", "m_star"))
-def _features_jit(graphdef, params, batch, m_star):
-    return target_features(nnx.merge(graphdef, params), batch, m_star)
+@partial(jax.jit, static_argnames=("graphdef", "spec"))
+def _features_jit(graphdef, params, batch, spec, prompt_len_B):
+    return target_features(nnx.merge(graphdef, params), batch, spec, prompt_len_B)
 
 
 def _sequences(target, samples: list[Sample], regenerate: int | None, prepare):
@@ -40,36 +77,52 @@ def _sequences(target, samples: list[Sample], regenerate: int | None, prepare):
     return [sample_sequence(s) for s in samples]
 
 
-def records_for(target, samples: list[Sample], *, m_star: int, regenerate: int | None = None, prepare=None):
+def records_for(target, samples: list[Sample], *, spec: FeatureSpec, regenerate: int | None = None, prepare=None):
     """Feature records of a list of samples (one padded target batch)."""
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
     prepare = prepare or prepare_batch_for(target.cfg)
     seqs = _sequences(target, samples, regenerate, prepare)
-    batch = prepare([s for s, _ in seqs], target.cfg)
+    batch = _text_items(prepare([s for s, _ in seqs], target.cfg), seqs)
     graphdef, params = nnx.split(target)
-    h, hprev, vis = (np.asarray(x, np.float32) for x in _features_jit(graphdef, params, batch, m_star))
+    prompt_len = jnp.asarray([int((~a).sum()) for _, a in seqs], jnp.int32)
+    h, hprev, vis, score = (None if x is None else np.asarray(x, np.float32)
+                            for x in _features_jit(graphdef, params, batch, spec, prompt_len))
     out = []
+    D = h.shape[-1]
     for b, (seq, assistant) in enumerate(seqs):
         is_vis = np.asarray(seq.mm_token_type_ids) != 0
         text_pos, pred, vis_pos = text_layout(is_vis, assistant)
         L, M = len(text_pos), len(vis_pos)
-        out.append(FeatureRecord(text_ids=np.asarray(seq.input_ids)[text_pos].astype(np.int32), pred_mask=pred,
-                                 h=h[b, :L], hprev=hprev[b, :L], vis=vis[b, :M], is_vis=is_vis))
+        out.append(FeatureRecord(
+            text_ids=np.asarray(seq.input_ids)[text_pos].astype(np.int32), pred_mask=pred, h=h[b, :L],
+            hprev=hprev[b, :L], vis=np.zeros((0, D), np.float32) if vis is None else vis[b, :M], is_vis=is_vis,
+            vis_score=np.zeros((0,), np.float32) if score is None else score[b, :M]))
     return out
 
 
-def extract_features(target, samples: list[Sample], out_dir, *, m_star: int, batch_size: int = 8,
+def _text_items(batch: tg.PrefillBatch, seqs) -> tg.PrefillBatch:
+    """The batch with text_idx_BL holding the draft's text items (text positions t >= 1)."""
+    rows = [text_layout(np.asarray(seq.mm_token_type_ids) != 0, a)[0] for seq, a in seqs]
+    idx = np.zeros((len(rows), tg.bucket(max(max(len(r) for r in rows), 1))), np.int32)
+    for b, r in enumerate(rows):
+        idx[b, :len(r)] = r
+    return dataclasses.replace(batch, text_idx_BL=jnp.asarray(idx))
+
+
+def extract_features(target, samples: list[Sample], out_dir, *, spec: FeatureSpec, batch_size: int = 8,
                      shard_size: int = 64, regenerate: int | None = None, prepare=None, progress: bool = True) -> dict:
-    """Offline extraction into `out_dir` (safetensors shards + index.json). Resumable: shards already
-    in the index are skipped."""
+    """Offline extraction into `out_dir` (safetensors shards + index.json) of what `spec` asks for.
+    Resumable: shards already in the index are skipped (an index written for another spec is refused)."""
     from tqdm import tqdm  # noqa: PLC0415
 
     out_dir = Path(out_dir)
     index = read_index(out_dir) or {"shards": []}
     done = {s["file"] for s in index["shards"]}
-    meta = {"m_star": m_star, "hidden_size": target.cfg.text.hidden_size, "family": target.cfg.family,
+    meta = {**spec.meta(), "hidden_size": target.cfg.text.hidden_size, "family": target.cfg.family,
             "num_samples": len(samples), "shard_size": shard_size, "regenerate": regenerate}
+    if index.get("meta") and any(index["meta"].get(k) != v for k, v in spec.meta().items()):
+        raise ValueError(f"{out_dir}: holds features for {index['meta']}, not {spec.meta()}; use another directory")
     n_shards = -(-len(samples) // shard_size)
     for k in tqdm(range(n_shards), desc="extracting features", disable=not progress, unit="shard"):
         if f"features-{k:05d}.safetensors" in done:
@@ -77,7 +130,7 @@ def extract_features(target, samples: list[Sample], out_dir, *, m_star: int, bat
         chunk = samples[k * shard_size:(k + 1) * shard_size]
         recs = []
         for i in range(0, len(chunk), batch_size):
-            recs += records_for(target, chunk[i:i + batch_size], m_star=m_star, regenerate=regenerate, prepare=prepare)
+            recs += records_for(target, chunk[i:i + batch_size], spec=spec, regenerate=regenerate, prepare=prepare)
         index = write_shard(out_dir, k, recs, meta)
     return index
 
@@ -94,9 +147,12 @@ class OnlineBatch:
     train: TrainBatch  # h / hprev / vis are zeros until `fill_features`
 
 
-def online_batch(samples: list[Sample], target_cfg, *, L: int, M: int, ivsb: bool, prepare=None) -> OnlineBatch:
+def online_batch(samples: list[Sample], target_cfg, *, L: int, M: int, slots: SlotSpec, prepare=None) -> OnlineBatch:
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
+    if slots.view == "pruned" and slots.prune_by == "attention":
+        raise ValueError("online training cannot prune by attention (the slots are laid out before the target "
+                         "runs): extract features offline (train.py --extract-features) or prune uniformly")
     seqs = [sample_sequence(s) for s in samples]
     batch = (prepare or prepare_batch_for(target_cfg))([s for s, _ in seqs], target_cfg)
     B = len(seqs)
@@ -108,10 +164,10 @@ def online_batch(samples: list[Sample], target_cfg, *, L: int, M: int, ivsb: boo
         if len(tp) > L or len(vp) > M:
             raise ValueError(f"sample {b}: {len(tp)} text / {len(vp)} visual positions exceed max_text {L} / max_visual {M}")
         text_idx[b, :len(tp)], vis_idx[b, :len(vp)] = tp, vp
-        D = 1  # placeholder features, replaced on device
-        recs.append(FeatureRecord(np.asarray(seq.input_ids)[tp].astype(np.int32), pred, np.zeros((len(tp), D)),
-                                  np.zeros((len(tp), D)), np.zeros((len(vp), D)), is_vis))
-    train = collate(recs, L=L, M=M, ivsb=ivsb)
+        z = lambda n: np.zeros((n, 1), np.float32)  # noqa: E731 — placeholder features, filled on device
+        recs.append(FeatureRecord(np.asarray(seq.input_ids)[tp].astype(np.int32), pred, z(len(tp)), z(len(tp)),
+                                  z(len(vp)), is_vis, np.zeros((0,), np.float32)))
+    train = collate(recs, L=L, M=M, spec=slots)
     D = target_cfg.text.hidden_size
     train = dataclasses.replace(train, h_BLD=np.zeros((B, L, D), np.float32), hprev_BLD=np.zeros((B, L, D), np.float32),
                                 vis_BMD=np.zeros((B, M, D), np.float32))
@@ -119,9 +175,10 @@ def online_batch(samples: list[Sample], target_cfg, *, L: int, M: int, ivsb: boo
     return OnlineBatch(prefill, jax.tree.map(jnp.asarray, train))
 
 
-def fill_features(target, ob: OnlineBatch, m_star: int) -> TrainBatch:
+def fill_features(target, ob: OnlineBatch, spec: FeatureSpec) -> TrainBatch:
     """Device: run the frozen target and place its features into the training batch (padding rows
     of the text/visual index point at position 0 and are masked by the loss)."""
-    h, hprev, vis = target_features(target, ob.prefill, m_star)
-    h, hprev, vis = (jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (h, hprev, vis))
-    return dataclasses.replace(ob.train, h_BLD=h, hprev_BLD=hprev, vis_BMD=vis)
+    h, hprev, vis, _ = target_features(target, ob.prefill, spec)
+    sg = lambda x: jax.lax.stop_gradient(x.astype(jnp.float32))  # noqa: E731
+    return dataclasses.replace(ob.train, h_BLD=sg(h), hprev_BLD=sg(hprev),
+                               vis_BMD=ob.train.vis_BMD if vis is None else sg(vis))

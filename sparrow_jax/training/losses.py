@@ -1,9 +1,13 @@
-"""Draft training objective: IVSB slot sequence, MTP recursive passes, soft CE + SmoothL1.
+"""Draft training objective: the view's slot sequence (IVSB for Sparrow), MTP recursive passes, soft CE +
+SmoothL1.
 
-Pass 0 feeds the target's states: text slot t gets z_t = FC([RMSNorm(e_t); h_{t-1}]), a visual slot
-(IVSB on) gets the target's layer-m* state of that visual token, not through FC. Pass k >= 1 replaces
-h_{t-1} with the draft's own pass-(k-1) output at the previous slot, ĥ_{t-1} (shift by one), visual
-slots fixed: z_rec = h_vis^{m*} ⊕ FC([RMSNorm(e_txt); ĥ_txt]) — what the draft sees deeper in a tree.
+Pass 0 feeds the target's states: text slot t gets z_t = FC([RMSNorm(e_t); h_{t-1}]), a visual slot gets
+the visual state of its view, not through FC (IVSB / ivsb_mid: the target's layer-m* state of that
+visual token; msd / pruned: the target's input embedding of it) — per slot exactly what the engine's
+draft prefill computes (`engine.draft_sequence`). Pass k >= 1 replaces h_{t-1} with the draft's own
+pass-(k-1) output at the previous slot, ĥ_{t-1} (shift by one; the first slot keeps the target's h0,
+there is no slot before it), visual slots fixed: z_rec = h_vis ⊕ FC([RMSNorm(e_txt); ĥ_txt]) — what
+the draft sees deeper in a tree.
 At every pass the output at text slot t is trained toward h_t (SmoothL1, weight v_w) and toward the
 target's next-token distribution softmax(lm_head(h_t)) (soft cross-entropy, weight p_w).
 """
@@ -38,15 +42,16 @@ def _gather(x_BND, idx_BM):
 
 
 def slot_inputs(draft, e_BLD, hprev_BLD, batch: TrainBatch):
-    """Draft inputs per slot: HSR z_t on text slots, the bridged layer-m* state on visual slots."""
+    """Draft inputs per slot: HSR z_t on text slots, the view's visual state on visual slots."""
     z_BLD = draft.hsr_input(e_BLD, hprev_BLD)
     sources = jnp.concatenate([z_BLD, batch.vis_BMD.astype(z_BLD.dtype)], axis=1)
     return _gather(sources, batch.slot_src_BS)
 
 
-def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: str = "xla"):
-    """Outputs at the text slots for every pass: list of [B, L, D]. `impl`: attention implementation
-    ("xla" or "pallas"; both differentiable at any slot count)."""
+def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: str = "xla",
+                 all_slots: bool = False):
+    """Outputs at the text slots for every pass: list of [B, L, D] (`all_slots`: at every slot, [B, S, D]).
+    `impl`: attention implementation ("xla" or "pallas"; both differentiable at any slot count)."""
     e = embed_fn(batch.tok_BL)
     hprev = batch.hprev_BLD.astype(e.dtype)
     if cfg.noise_std > 0 and noise_key is not None:
@@ -57,11 +62,10 @@ def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=
     for k in range(cfg.mtp_steps + 1):
         x = slot_inputs(draft, e, hprev, batch)
         y_BSD, _ = draft.run_layers(x, batch.slot_pos_BS, mask, impl=impl)
-        y_text = _gather(y_BSD, batch.text_slot_BL)
-        outs.append(y_text)
-        # Next pass: h_{t-1} <- ĥ at the previous slot (zero for the first slot).
+        outs.append(y_BSD if all_slots else _gather(y_BSD, batch.text_slot_BL))
+        # Next pass: h_{t-1} <- ĥ at the previous slot (the first slot keeps h0).
         prev_slot = jnp.maximum(batch.text_slot_BL - 1, 0)
-        hprev = jnp.where((batch.text_slot_BL > 0)[..., None], _gather(y_BSD, prev_slot), 0)
+        hprev = jnp.where((batch.text_slot_BL > 0)[..., None], _gather(y_BSD, prev_slot), hprev)
     return outs
 
 

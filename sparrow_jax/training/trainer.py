@@ -23,11 +23,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sparrow_jax.models import views
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.target import default_m_star
 from sparrow_jax.training import sharding as shd
-from sparrow_jax.training.data import ShardSource, TrainBatch, collate, index_pipeline, process_rows
-from sparrow_jax.training.features import OnlineBatch, fill_features, online_batch
+from sparrow_jax.training.data import CurriculumBatches, ShardSource, SlotSpec, TrainBatch, collate, index_pipeline, \
+    process_rows
+from sparrow_jax.training.features import FeatureSpec, OnlineBatch, fill_features, online_batch
 from sparrow_jax.training.losses import LossConfig, draft_loss
 
 
@@ -66,6 +68,16 @@ class TrainConfig:
     p_w: float = 0.1
     v_w: float = 1.0
     noise_std: float = 0.0
+    # The draft's visual view (models/views.py), stored in its config.json; the engine decodes it only in
+    # that view. Sparrow: none + ivsb + mtp; plain EAGLE: none, ivsb=false, mtp_steps=0; "IVSB + MTP w/o
+    # VATA": ivsb_mid; MSD-style: msd (ivsb ignored); pruned-visual: pruned (keep fraction, uniform/attention).
+    visual_view: str = "none"
+    visual_keep_fraction: float = 0.1  # pruned view: SpecVLM's drop rate 0.9
+    visual_prune_by: str = "uniform"
+    # MSD's curriculum (data option): text-only samples only for the first `curriculum_text_steps`
+    # steps, then a visual share rising to 1 over `curriculum_ramp_steps` (both 0: off, plain shuffling)
+    curriculum_text_steps: int = 0
+    curriculum_ramp_steps: int = 0
     # draft attention: "xla" (dense, or blockwise with a custom VJP past the dense limit) or "pallas"
     # (the prefill kernel's custom VJP; shapes it cannot take fall back to xla, reason logged once)
     attention: str = "xla"
@@ -81,6 +93,20 @@ class TrainConfig:
     def __post_init__(self):
         if self.attention not in ("xla", "pallas"):
             raise ValueError(f"attention {self.attention!r}: expected 'xla' or 'pallas'")
+        views.check_prune(self.visual_keep_fraction, self.visual_prune_by, "TrainConfig")
+        views.training_view(self.visual_view, self.ivsb)  # raises on an unknown or impossible combination
+
+    @property
+    def slots(self) -> SlotSpec:
+        """The training layout: the draft's view (view none + IVSB trains on ivsb_mid's slots)."""
+        return SlotSpec(views.training_view(self.visual_view, self.ivsb), self.visual_keep_fraction,
+                        self.visual_prune_by)
+
+    def feature_spec(self, m_star: int) -> FeatureSpec:
+        """The target features this view trains on."""
+        slots = self.slots
+        return FeatureSpec(m_star, views.visual_state(slots.view),
+                           scores=slots.view == "pruned" and slots.prune_by == "attention")
 
     @property
     def loss(self) -> LossConfig:
@@ -139,13 +165,18 @@ def _rows(batch, i, n):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, samples=None, log=print):
+    def __init__(self, cfg: TrainConfig, *, samples=None, log=print, target=None):
+        """`target`: an already built target model (else `load_target(cfg)`)."""
         self.cfg, self.log = cfg, log
         self.mesh = shd.make_mesh(cfg.mesh)
-        self.target = load_target(cfg)
+        self.target = load_target(cfg) if target is None else target
         tcfg = self.target.cfg
         self.m_star = default_m_star(tcfg.num_layers) if cfg.m_star is None else cfg.m_star
-        draft = SparrowDraft(DraftConfig.for_target(tcfg, num_layers=cfg.draft_layers), rngs=nnx.Rngs(cfg.seed))
+        self.feature_spec = cfg.feature_spec(self.m_star)
+        dcfg = DraftConfig.for_target(tcfg, num_layers=cfg.draft_layers, visual_view=cfg.visual_view,
+                                      m_star=self.m_star, visual_keep_fraction=cfg.visual_keep_fraction,
+                                      visual_prune_by=cfg.visual_prune_by)
+        draft = SparrowDraft(dcfg, rngs=nnx.Rngs(cfg.seed))
         self.dgraph, dparams = nnx.split(draft, nnx.Param)
         self.tgraph, tparams = nnx.split(self.target)
         self.optimizer = make_optimizer(cfg)
@@ -170,7 +201,17 @@ class Trainer:
                 raise ValueError("set `features` (offline shards) or `online: true`")
             self.source = ShardSource(cfg.features)
             n_records = len(self.source)
-        self.data_iter = index_pipeline(n_records, cfg.global_batch, cfg.data_seed)
+            problem = self.feature_spec.mismatch(self.source.meta)
+            if problem:
+                raise ValueError(f"{cfg.features}: {problem}; visual_view {cfg.visual_view!r} (ivsb={cfg.ivsb}) "
+                                 f"trains on {self.feature_spec.meta()}: re-extract for this view")
+        if cfg.curriculum_text_steps or cfg.curriculum_ramp_steps:
+            visual = ([bool(np.any(np.asarray(s.prompt.mm_token_type_ids))) for s in samples] if cfg.online
+                      else self.source.visual)
+            self.data_iter = CurriculumBatches(visual, cfg.global_batch, cfg.data_seed, cfg.curriculum_text_steps,
+                                               cfg.curriculum_ramp_steps)
+        else:
+            self.data_iter = index_pipeline(n_records, cfg.global_batch, cfg.data_seed)
         self._step_fn = self._build_step()
         self._ckpt = None
 
@@ -178,7 +219,7 @@ class Trainer:
 
     def _build_step(self):
         cfg, lcfg = self.cfg, self.cfg.loss
-        dgraph, tgraph, optimizer, m_star = self.dgraph, self.tgraph, self.optimizer, self.m_star
+        dgraph, tgraph, optimizer, fspec = self.dgraph, self.tgraph, self.optimizer, self.feature_spec
         compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
         A = cfg.grad_accum
         if cfg.global_batch % A:
@@ -192,7 +233,7 @@ class Trainer:
 
         def step(dparams, opt_state, tparams, rng, batch):
             if isinstance(batch, OnlineBatch):
-                batch = fill_features(nnx.merge(tgraph, tparams), batch, m_star)
+                batch = fill_features(nnx.merge(tgraph, tparams), batch, fspec)
             rng, key = jax.random.split(rng)
             keys = jax.random.split(key, A)
             grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -224,13 +265,13 @@ class Trainer:
         if cfg.online:
             # Online: every process builds the whole global batch (the target needs its pixels).
             ob = online_batch([self.samples[i] for i in idx], self.target.cfg, L=cfg.max_text, M=cfg.max_visual,
-                              ivsb=cfg.ivsb)
+                              slots=cfg.slots)
             with jax.set_mesh(self.mesh):
                 train = jax.tree.map(lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim)), ob.train)
                 prefill = jax.device_put(ob.prefill, shd.replicated(self.mesh))
             return OnlineBatch(prefill, train)
         rows = idx[process_rows(cfg.global_batch, jax.process_index(), jax.process_count())]
-        local = collate([self.source[int(i)] for i in rows], L=cfg.max_text, M=cfg.max_visual, ivsb=cfg.ivsb)
+        local = collate([self.source[int(i)] for i in rows], L=cfg.max_text, M=cfg.max_visual, spec=cfg.slots)
         return jax.tree.map(
             lambda x: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, x.ndim), x), local)
 
@@ -342,7 +383,7 @@ class Trainer:
     def evaluate(self, records) -> dict:
         """Loss/top-1 per pass on held-out feature records (no update)."""
         cfg = self.cfg
-        batch = collate(records, L=cfg.max_text, M=cfg.max_visual, ivsb=cfg.ivsb)
+        batch = collate(records, L=cfg.max_text, M=cfg.max_visual, spec=cfg.slots)
         target = nnx.merge(self.tgraph, jax.device_get(self.tparams))
         _, m = draft_loss(self.draft(), target.embed, target.logits, jax.tree.map(jnp.asarray, batch), cfg.loss)
         return {k: float(v) for k, v in m.items()}
