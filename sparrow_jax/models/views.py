@@ -69,10 +69,11 @@ def check_draft_view(trained_view: str, mode: str, *, allow_mismatch: bool = Fal
     """The view `mode` runs; refuses a draft trained for another view unless `allow_mismatch`."""
     view = view_for_mode(mode)
     if view != trained_view and not allow_mismatch:
-        modes = [m for m, v in MODE_VIEW.items() if v == trained_view]
+        fit = next(m for m, v in MODE_VIEW.items() if v == trained_view)
+        fit = f"{fit!r}" + (" (decode.py --mode sparrow)" if fit == "text_only" else "")
         raise ViewMismatchError(
             f"{source} was trained for visual view {trained_view!r} (config.json visual_view) but mode {mode!r} "
-            f"runs view {view!r}: its draft inputs would differ from training. Use mode {modes[0]!r}, or pass "
+            f"runs view {view!r}: its draft inputs would differ from training. Use mode {fit}, or pass "
             f"allow_view_mismatch=True (decode.py --force-view) to run it anyway")
     return view
 
