@@ -1,19 +1,22 @@
-"""Train a Sparrow draft (IVSB + MTP) against a frozen target.
+"""Train a Sparrow draft (IVSB + MTP) against a frozen target, or (task=target) the target itself.
 
   python train.py --config run.json --set steps=200 --set mesh=[1,2,2]
   python train.py --set online=true --set target_config=configs/tiny.json --set steps=50
   python train.py --extract-features feats/ --num-samples 256        # offline features, then:
   python train.py --set features=feats/ --set steps=500
+  python train.py --set task=target --set data=colours --set steps=300 --export runs/target/hf
 
 Config keys are the fields of `sparrow_jax.training.trainer.TrainConfig` (a JSON/YAML file, then
 `--set key=value` overrides). Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I
 (or rely on the cluster's auto-detection with --distributed). Until the tiny video world ships, samples
-are synthetic (procedural videos, random text) — see sparrow_jax/synthetic/samples.py.
+are synthetic (procedural videos, random text) — see sparrow_jax/synthetic/samples.py; `data` picks
+the sample source (sparrow_jax/synthetic/sources.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,7 +33,7 @@ def parse_args(argv=None):
     ap.add_argument("--regenerate", type=int, default=None, help="extraction: responses = target's greedy answer")
     ap.add_argument("--export", metavar="DIR", help="after training, save the draft: ours in DIR, and the official "
                     "layout it can be expressed in (Sparrow for a draft with the embedding norm, else EAGLE-2, with "
-                    "the target's embedding) in DIR-sparrow / DIR-eagle2")
+                    "the target's embedding) in DIR-sparrow / DIR-eagle2; task=target: a HF checkpoint directory DIR")
     ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto-detect)")
     ap.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process)")
     ap.add_argument("--num-processes", type=int)
@@ -47,7 +50,7 @@ def main(argv=None):
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     elif args.distributed:
         jax.distributed.initialize()
-    from sparrow_jax.synthetic.samples import synthetic_samples  # noqa: PLC0415
+    from sparrow_jax.synthetic.sources import sample_source  # noqa: PLC0415
     from sparrow_jax.models.target import default_m_star  # noqa: PLC0415
     from sparrow_jax.training.features import extract_features  # noqa: PLC0415
     from sparrow_jax.training.trainer import Trainer, TrainConfig, load_target  # noqa: PLC0415
@@ -57,9 +60,16 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         sys.exit(f"train.py: error: {e}")
     n = args.num_samples or cfg.num_samples
+    try:
+        make_samples = sample_source(cfg.data)
+    except ValueError as e:
+        sys.exit(f"train.py: error: {e}")
+    if cfg.task == "target":
+        train_target(dataclasses.replace(cfg, num_samples=n), args)
+        return
     if args.extract_features:
         target = load_target(cfg)
-        samples = synthetic_samples(target.cfg, n, seed=cfg.data_seed)
+        samples = make_samples(target.cfg, n, seed=cfg.data_seed, **cfg.data_options)
         m_star = default_m_star(target.cfg.num_layers) if cfg.m_star is None else cfg.m_star
         index = extract_features(target, samples, args.extract_features, spec=cfg.feature_spec(m_star),
                                  regenerate=args.regenerate, progress=not args.no_progress)
@@ -68,7 +78,7 @@ def main(argv=None):
         return
     samples = None
     if cfg.online:
-        samples = synthetic_samples(load_target(cfg).cfg, n, seed=cfg.data_seed)
+        samples = make_samples(load_target(cfg).cfg, n, seed=cfg.data_seed, **cfg.data_options)
     trainer = Trainer(cfg, samples=samples)
     history = trainer.run(progress=not args.no_progress)
     if history and jax.process_index() == 0:
@@ -82,6 +92,21 @@ def main(argv=None):
         official = f"{args.export.rstrip('/')}-{fmt}"
         export_official(draft, official, format=fmt, embed_tokens=target_embedding(trainer.target))
         print(f"[train] draft saved to {args.export} (ours) and {official} (official {fmt} layout)")
+
+
+def train_target(cfg, args):
+    """task=target: train the target itself (vision tower + LM) on answer tokens; --export writes a HF
+    checkpoint directory (config.json, model.safetensors, generation_config.json, tokenizer files)."""
+    import jax  # noqa: PLC0415
+
+    from sparrow_jax.training.target_trainer import TargetTrainer  # noqa: PLC0415
+
+    trainer = TargetTrainer(cfg)
+    history = trainer.run(progress=not args.no_progress)
+    if history and jax.process_index() == 0:
+        print(f"[train] step {trainer.step}: " + json.dumps({k: round(v, 5) for k, v in history[-1].items()}))
+    if args.export and jax.process_index() == 0:
+        print(f"[train] target saved to {trainer.export(args.export)} (HF checkpoint directory)")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,19 @@ from sparrow_jax.training.losses import LossConfig, draft_loss
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     out_dir: str = "runs/draft"
+    # draft: a Sparrow draft against a frozen target (Trainer) | target: the target itself, vision tower
+    # and LM, from scratch or from `target` (training/target_trainer.py)
+    task: str = "draft"
     # target: a HF checkpoint dir, or a config.json for a random target (tests / smoke runs)
     target: str | None = None
     target_config: str | None = None
     target_seed: int = 0
-    # data: offline feature dir, or online synthetic samples
+    # data: offline feature dir, or online samples from a named source (synthetic/sources.py)
     features: str | None = None
     online: bool = False
-    num_samples: int = 64  # online synthetic samples
+    data: str = "synthetic"  # sample source: a name in synthetic/sources.SOURCES or "module:function"
+    data_options: dict = dataclasses.field(default_factory=dict)  # the source's keyword arguments
+    num_samples: int = 64  # online samples
     data_seed: int = 0
     # optimisation
     steps: int = 100
@@ -89,8 +94,11 @@ class TrainConfig:
     async_save: bool = True
     log_every: int = 10
     tensorboard: bool = True
+    tokenizer_dir: str | None = None  # target task: tokenizer files copied into the exported HF directory
 
     def __post_init__(self):
+        if self.task not in ("draft", "target"):
+            raise ValueError(f"task {self.task!r}: expected 'draft' or 'target'")
         if self.attention not in ("xla", "pallas"):
             raise ValueError(f"attention {self.attention!r}: expected 'xla' or 'pallas'")
         views.check_prune(self.visual_keep_fraction, self.visual_prune_by, "TrainConfig")
@@ -164,7 +172,29 @@ def _rows(batch, i, n):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * n, n, 0), batch)
 
 
+def accumulate_and_update(grad_fn, optimizer, params, opt_state, A: int, micro_args):
+    """One optimizer update from the mean gradient and metrics of `grad_fn(params, *micro_args(i))`
+    over A micro-batches (gradient accumulation in one lax.scan). Returns (params, opt_state, metrics)."""
+    _, m0 = jax.eval_shape(lambda: grad_fn(params, *micro_args(0)))[0]
+
+    def acc(carry, i):
+        g_sum, m_sum = carry
+        (_, metrics), g = grad_fn(params, *micro_args(i))
+        return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, metrics)), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+    (g, m), _ = jax.lax.scan(acc, (zeros_g, zeros_m), jnp.arange(A))
+    g = jax.tree.map(lambda x: x / A, g)
+    m = jax.tree.map(lambda x: x / A, m)
+    updates, opt_state = optimizer.update(g, opt_state, params)
+    m["grad_norm"] = optax.tree.norm(g)
+    return optax.apply_updates(params, updates), opt_state, m
+
+
 class Trainer:
+    progress_metrics = ("loss", "pass0/top1")  # shown on the progress bar
+
     def __init__(self, cfg: TrainConfig, *, samples=None, log=print, target=None):
         """`target`: an already built target model (else `load_target(cfg)`)."""
         self.cfg, self.log = cfg, log
@@ -180,14 +210,10 @@ class Trainer:
         self.dgraph, dparams = nnx.split(draft, nnx.Param)
         self.tgraph, tparams = nnx.split(self.target)
         self.optimizer = make_optimizer(cfg)
+        self._init_trainable(dparams)
         with jax.set_mesh(self.mesh):
-            self.p_shard = shd.state_shardings(dparams, self.mesh)
             self.t_shard = shd.state_shardings(tparams, self.mesh)
-            self.params = jax.device_put(dparams, self.p_shard)
             self.tparams = jax.device_put(tparams, self.t_shard)
-            opt_state = self.optimizer.init(self.params)
-            self.o_shard = jax.tree.map(lambda x: x.sharding, opt_state)
-            self.opt_state = opt_state
         self.rng = jax.random.key(cfg.seed)
         self.step = 0
         # Data.
@@ -215,6 +241,14 @@ class Trainer:
         self._step_fn = self._build_step()
         self._ckpt = None
 
+    def _init_trainable(self, params):
+        """Shard the trainable parameters over the mesh and initialise the optimizer state there."""
+        with jax.set_mesh(self.mesh):
+            self.p_shard = shd.state_shardings(params, self.mesh)
+            self.params = jax.device_put(params, self.p_shard)
+            self.opt_state = self.optimizer.init(self.params)
+            self.o_shard = jax.tree.map(lambda x: x.sharding, self.opt_state)
+
     # ------------------------------------------------------------------------------- the step
 
     def _build_step(self):
@@ -236,22 +270,9 @@ class Trainer:
                 batch = fill_features(nnx.merge(tgraph, tparams), batch, fspec)
             rng, key = jax.random.split(rng)
             keys = jax.random.split(key, A)
-            grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
-            def acc(carry, i):
-                g_sum, m_sum = carry
-                (_, metrics), g = grad_fn(dparams, tparams, _rows(batch, i, mb), keys[i])
-                return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, metrics)), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, dparams)
-            _, m0 = jax.eval_shape(lambda: grad_fn(dparams, tparams, _rows(batch, 0, mb), keys[0]))[0]
-            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
-            (g, m), _ = jax.lax.scan(acc, (zeros_g, zeros_m), jnp.arange(A))
-            g = jax.tree.map(lambda x: x / A, g)
-            m = jax.tree.map(lambda x: x / A, m)
-            updates, opt_state = optimizer.update(g, opt_state, dparams)
-            dparams = optax.apply_updates(dparams, updates)
-            m["grad_norm"] = optax.tree.norm(g)
+            dparams, opt_state, m = accumulate_and_update(
+                jax.value_and_grad(micro_loss, has_aux=True), optimizer, dparams, opt_state, A,
+                lambda i: (tparams, _rows(batch, i, mb), keys[i]))
             return dparams, opt_state, rng, m
 
         return jax.jit(step, donate_argnums=(0, 1),
@@ -346,7 +367,7 @@ class Trainer:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     m.update(step=self.step, step_s=time.perf_counter() - t0)
                     history.append(m)
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", top1=f"{m['pass0/top1']:.3f}")
+                    bar.set_postfix({k: f"{m[k]:.4f}" for k in self.progress_metrics if k in m})
                     if jax.process_index() == 0:
                         with open(out / "metrics.jsonl", "a") as f:
                             f.write(json.dumps(m) + "\n")

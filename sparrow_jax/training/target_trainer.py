@@ -1,0 +1,256 @@
+"""Target training (`train.py --set task=target`): a target of the Qwen2.5-VL architecture — vision
+tower and LM together — trained from scratch (or from `target`) with next-token cross-entropy on the
+answer (assistant) tokens.
+
+It is the draft Trainer with another model and loss: the same optimizer factory, mesh and logical-axis
+sharding, gradient accumulation, orbax checkpoints with exact resume (parameters, optimizer, step,
+RNG, data iterator), run loop and JSONL/TensorBoard logs. Data are raw samples (prompt with visuals +
+response ids) from the source named by the config's `data` (synthetic/sources.py).
+
+Static shapes (one compiled step per bucket): a batch's shapes are fixed by its samples' visual grids
+(pixel rows, vision-layout segments, visual token count) and by `max_text`. Samples are grouped into
+buckets by the tuple of their grids (`buckets_of`); every step draws its whole global batch from one
+bucket, chosen by a seeded draw per step with probability proportional to the bucket's size (short
+clips at one grid and a small share of long videos at another give two buckets and two compiles). A
+bucket's sequence is padded to T = its visual tokens + max_text (text counts the vision start/end
+markers), and the loss positions (those whose next token is an answer token) to max_text. Few distinct
+grids, few compiles: the data source should give its videos a handful of grids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparrow_jax.models import target as tg
+from sparrow_jax.training import sharding as shd
+from sparrow_jax.training.data import index_pipeline, sample_sequence
+from sparrow_jax.training.trainer import Trainer, TrainConfig, accumulate_and_update, load_target, make_optimizer
+
+# Tokenizer files an exported directory carries when `tokenizer_dir` is set (those present are copied).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "preprocessor_config.json", "video_preprocessor_config.json")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TargetBatch:
+    """B samples of one bucket, fixed shapes (L = max_text)."""
+
+    inputs: tg.PrefillBatch  # prompt + response, right-padded to T = visual tokens + L
+    loss_idx_BL: jax.Array  # positions whose next token is an answer token (right-padded with 0)
+    labels_BL: jax.Array  # that next token
+    weight_BL: jax.Array  # 1.0 for a real loss position, 0.0 for padding
+    first_BL: jax.Array  # 1.0 at each sample's first answer token (the content word of short answers)
+
+
+def bucket_key(sample) -> tuple:
+    """A sample's shape signature: the grids of its visuals, in order."""
+    return tuple(tuple(int(g) for g in v.grid_thw) for v in sample.prompt.visuals)
+
+
+def buckets_of(samples) -> dict[tuple, list[int]]:
+    """Sample indices grouped by bucket key. A lazy dataset with `grid(i)` (one video per item, e.g.
+    synthetic.world.WorldDataset) is keyed without rendering its items."""
+    out: dict[tuple, list[int]] = {}
+    for i in range(len(samples)):
+        key = (tuple(int(g) for g in samples.grid(i)),) if hasattr(samples, "grid") else bucket_key(samples[i])
+        out.setdefault(key, []).append(i)
+    return out
+
+
+def target_batch(samples, model_cfg, *, max_text: int, prepare=None) -> TargetBatch:
+    """Host: samples of one bucket -> a TargetBatch. Text (prompt text + markers + answer) beyond
+    max_text is an error: raise the config's limit."""
+    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
+
+    seqs = [sample_sequence(s) for s in samples]
+    n_vis = {int(np.count_nonzero(np.asarray(q.mm_token_type_ids))) for q, _ in seqs}
+    if len(n_vis) != 1:
+        raise ValueError(f"batch mixes visual lengths {sorted(n_vis)}: batch samples of one bucket")
+    B, L = len(seqs), max_text
+    loss_idx, labels = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
+    weight, first = np.zeros((B, L), np.float32), np.zeros((B, L), np.float32)
+    for b, (q, assistant) in enumerate(seqs):
+        n_text = len(q.input_ids) - next(iter(n_vis))
+        if n_text > L:
+            raise ValueError(f"sample {b}: {n_text} text tokens (prompt + answer) exceed max_text {L}")
+        pos = np.nonzero(assistant[1:])[0]
+        loss_idx[b, :len(pos)], labels[b, :len(pos)] = pos, np.asarray(q.input_ids)[pos + 1]
+        weight[b, :len(pos)] = 1.0
+        first[b, 0] = float(len(pos) > 0)
+    inputs = (prepare or prepare_batch_for(model_cfg))([q for q, _ in seqs], model_cfg,
+                                                        seq_bucket=next(iter(n_vis)) + L)
+    # The text/visual index rows serve the draft; keep their data-dependent widths out of the step.
+    zeros = jnp.zeros((B, 1), jnp.int32)
+    inputs = dataclasses.replace(inputs, text_idx_BL=zeros, vis_idx_BM=zeros)
+    return TargetBatch(inputs, *(jnp.asarray(x) for x in (loss_idx, labels, weight, first)))
+
+
+def answer_sums(model, batch: TargetBatch, impl: str = "xla") -> dict:
+    """Summed cross-entropy and top-1 hits over the answer tokens, and their counts."""
+    h_BTD, _, _ = tg.forward(model, batch.inputs, impl=impl)
+    logits_BLV = model.logits(tg._gather_rows(h_BTD, batch.loss_idx_BL)).astype(jnp.float32)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch.labels_BL)
+    hit_BL = (jnp.argmax(logits_BLV, -1) == batch.labels_BL).astype(jnp.float32)
+    return {"ce": (ce_BL * batch.weight_BL).sum(), "hits": (hit_BL * batch.weight_BL).sum(),
+            "first_hits": (hit_BL * batch.first_BL).sum(), "tokens": batch.weight_BL.sum(),
+            "answers": batch.first_BL.sum()}
+
+
+def answer_metrics(s: dict) -> dict:
+    """loss (mean CE per answer token), top1 (per answer token), first_top1 (first answer token)."""
+    n, a = jnp.maximum(s["tokens"], 1.0), jnp.maximum(s["answers"], 1.0)
+    return {"loss": s["ce"] / n, "top1": s["hits"] / n, "first_top1": s["first_hits"] / a}
+
+
+class BucketedIndices:
+    """Global batches of sample indices, each from one bucket (see the module doc). Iterator state =
+    per-bucket grain iterator states + the draw count, JSON (exact resume, like a grain iterator)."""
+
+    def __init__(self, buckets: dict[tuple, np.ndarray], global_batch: int, seed: int):
+        if not buckets:
+            raise ValueError("no training samples")
+        self.keys = sorted(buckets)
+        self.members = [np.asarray(buckets[k]) for k in self.keys]
+        for k, m in zip(self.keys, self.members):
+            if len(m) < global_batch:
+                raise ValueError(f"bucket {k} (visual grids): {len(m)} samples cannot fill a global batch of "
+                                 f"{global_batch}")
+        self.iters = [index_pipeline(len(m), global_batch, seed + i) for i, m in enumerate(self.members)]
+        sizes = np.asarray([len(m) for m in self.members], np.float64)
+        self.p, self.seed, self.count = sizes / sizes.sum(), seed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        k = int(np.random.default_rng((self.seed, self.count)).choice(len(self.iters), p=self.p))
+        self.count += 1
+        return self.members[k][np.asarray(next(self.iters[k]))]
+
+    def get_state(self) -> dict:
+        return {"count": self.count, "buckets": [it.get_state() for it in self.iters]}
+
+    def set_state(self, state: dict) -> None:
+        self.count = int(state["count"])
+        for it, s in zip(self.iters, state["buckets"], strict=True):
+            it.set_state(s)
+
+
+class TargetTrainer(Trainer):
+    """Trains the whole target; `samples` default to `cfg.num_samples` from the source `cfg.data`."""
+
+    progress_metrics = ("loss", "top1", "first_top1")
+
+    def __init__(self, cfg: TrainConfig, *, samples=None, log=print):
+        if cfg.task != "target":
+            raise ValueError(f"TargetTrainer needs task='target', got {cfg.task!r}")
+        if cfg.global_batch % cfg.grad_accum:
+            raise ValueError(f"global_batch {cfg.global_batch} not divisible by grad_accum {cfg.grad_accum}")
+        self.cfg, self.log = cfg, log
+        self.mesh = shd.make_mesh(cfg.mesh)
+        model = load_target(cfg)
+        self.model_cfg = model.cfg
+        self.graph, params = nnx.split(model, nnx.Param)
+        self.optimizer = make_optimizer(cfg)
+        self._init_trainable(params)
+        self.tparams = None  # nothing frozen: the run loop's frozen-parameter argument stays empty
+        self.rng = jax.random.key(cfg.seed)
+        self.step = 0
+        if samples is None:
+            from sparrow_jax.synthetic.sources import sample_source  # noqa: PLC0415
+
+            samples = sample_source(cfg.data)(model.cfg, cfg.num_samples, seed=cfg.data_seed, **cfg.data_options)
+        self.samples = samples
+        self.data_iter = BucketedIndices(buckets_of(samples), cfg.global_batch, cfg.data_seed)
+        self._step_fn = self._build_step()
+        self._sums_fn = jax.jit(lambda params, batch: answer_sums(nnx.merge(self.graph, params), batch, cfg.attention))
+        self._ckpt = None
+
+    def _build_step(self):
+        cfg, graph, optimizer, A = self.cfg, self.graph, self.optimizer, self.cfg.grad_accum
+        compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
+
+        def micro_loss(params, batch: TargetBatch):
+            model = nnx.merge(graph, jax.tree.map(lambda x: x.astype(compute), params))
+            m = answer_metrics(answer_sums(model, batch, impl=cfg.attention))
+            return m["loss"], m
+
+        def step(params, opt_state, _frozen, rng, batch_A: TargetBatch):
+            """batch_A: A micro-batches stacked on a leading axis (a TargetBatch is not row-sliceable:
+            its pixels and vision layout are per batch, not per row)."""
+            params, opt_state, m = accumulate_and_update(
+                jax.value_and_grad(micro_loss, has_aux=True), optimizer, params, opt_state, A,
+                lambda i: (jax.tree.map(lambda x: x[i], batch_A),))
+            return params, opt_state, rng, m
+
+        rep = shd.replicated(self.mesh)
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=(self.p_shard, self.o_shard, rep, rep))
+
+    def next_batch(self) -> TargetBatch:
+        """The next global batch as A stacked micro-batches, built on every process (the vision tower
+        needs all pixels) and replicated over the mesh."""
+        idx = next(self.data_iter)
+        A = self.cfg.grad_accum
+        micro = [target_batch([self.samples[i] for i in rows], self.model_cfg, max_text=self.cfg.max_text)
+                 for rows in np.split(idx, A)]
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
+        with jax.set_mesh(self.mesh):
+            return jax.device_put(stacked, shd.replicated(self.mesh))
+
+    # ------------------------------------------------------------------------------- outputs
+
+    def model(self):
+        return nnx.merge(self.graph, jax.device_get(self.params))
+
+    def evaluate(self, samples, batch_size: int | None = None) -> dict:
+        """loss / top1 / first_top1 over held-out samples (no update), batched within buckets; a short
+        last batch is padded with weight-0 rows so every batch of a bucket has one shape."""
+        bs = batch_size or self.cfg.global_batch
+        total = None
+        params = jax.device_get(self.params)
+        for group in ([samples[i] for i in idx] for idx in buckets_of(samples).values()):
+            for i in range(0, len(group), bs):
+                chunk = group[i:i + bs]
+                n = len(chunk)
+                batch = target_batch(chunk + [chunk[0]] * (bs - n), self.model_cfg, max_text=self.cfg.max_text)
+                keep = (jnp.arange(bs) < n)[:, None]
+                batch = dataclasses.replace(batch, weight_BL=batch.weight_BL * keep, first_BL=batch.first_BL * keep)
+                s = self._sums_fn(params, batch)
+                total = s if total is None else jax.tree.map(jnp.add, total, s)
+        return {k: float(v) for k, v in answer_metrics(total).items()}
+
+    def export(self, out_dir) -> Path:
+        return export_hf(self.model(), out_dir, tokenizer_dir=self.cfg.tokenizer_dir)
+
+
+def export_hf(model, out_dir, *, tokenizer_dir=None) -> Path:
+    """A HF checkpoint directory transformers loads: config.json + model.safetensors (the family's
+    saver), generation_config.json with the EOS ids, and the tokenizer files of `tokenizer_dir`."""
+    from sparrow_jax.io import hf_checkpoint  # noqa: PLC0415
+
+    out = Path(out_dir)
+    save = {"qwen2_5_vl": hf_checkpoint.save_qwen2_5_vl,
+            "llava_onevision": hf_checkpoint.save_llava_onevision}[model.cfg.family]
+    save(model, out)
+    eos = list(getattr(model.cfg, "eos_token_ids", ()))
+    gen = {"eos_token_id": eos, "pad_token_id": eos[0]} if eos else {}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer_dir:
+        src = Path(tokenizer_dir)
+        files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+        if not files:
+            raise FileNotFoundError(f"tokenizer_dir {src}: none of {list(TOKENIZER_FILES)} found")
+        for f in files:
+            shutil.copy2(f, out / f.name)
+    return out
