@@ -68,22 +68,30 @@ def buckets_of(samples) -> dict[tuple, list[int]]:
     return out
 
 
-def target_batch(samples, model_cfg, *, max_text: int, prepare=None) -> TargetBatch:
+def text_budget(max_text: int, per_visual: float, n_visual: int) -> int:
+    """Text positions a bucket pads to: `max_text` plus `per_visual` per visual token (answers about
+    long videos are longer), rounded up to a multiple of 8."""
+    n = max_text + int(np.ceil(per_visual * n_visual))
+    return -(-n // 8) * 8
+
+
+def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, prepare=None) -> TargetBatch:
     """Host: samples of one bucket -> a TargetBatch. Text (prompt text + markers + answer) beyond
-    max_text is an error: raise the config's limit."""
+    the bucket's text budget (`text_budget`) is an error: raise the config's limit."""
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 
     seqs = [sample_sequence(s) for s in samples]
     n_vis = {int(np.count_nonzero(np.asarray(q.mm_token_type_ids))) for q, _ in seqs}
     if len(n_vis) != 1:
         raise ValueError(f"batch mixes visual lengths {sorted(n_vis)}: batch samples of one bucket")
-    B, L = len(seqs), max_text
+    B, L = len(seqs), text_budget(max_text, per_visual, next(iter(n_vis)))
     loss_idx, labels = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
     weight, first = np.zeros((B, L), np.float32), np.zeros((B, L), np.float32)
     for b, (q, assistant) in enumerate(seqs):
         n_text = len(q.input_ids) - next(iter(n_vis))
         if n_text > L:
-            raise ValueError(f"sample {b}: {n_text} text tokens (prompt + answer) exceed max_text {L}")
+            raise ValueError(f"sample {b}: {n_text} text tokens (prompt + answer) exceed the text budget {L} "
+                             f"(max_text {max_text} + max_text_per_visual {per_visual} x visual tokens)")
         pos = np.nonzero(assistant[1:])[0]
         loss_idx[b, :len(pos)], labels[b, :len(pos)] = pos, np.asarray(q.input_ids)[pos + 1]
         weight[b, :len(pos)] = 1.0
@@ -165,7 +173,7 @@ class TargetTrainer(Trainer):
         self.optimizer = make_optimizer(cfg)
         self._init_trainable(params)
         self.tparams = None  # nothing frozen: the run loop's frozen-parameter argument stays empty
-        self.rng = jax.random.key(cfg.seed)
+        self.rng = self._initial_rng()
         self.step = 0
         if samples is None:
             from sparrow_jax.synthetic.sources import sample_source  # noqa: PLC0415
@@ -202,8 +210,8 @@ class TargetTrainer(Trainer):
         needs all pixels) and replicated over the mesh."""
         idx = next(self.data_iter)
         A = self.cfg.grad_accum
-        micro = [target_batch([self.samples[i] for i in rows], self.model_cfg, max_text=self.cfg.max_text)
-                 for rows in np.split(idx, A)]
+        micro = [target_batch([self.samples[i] for i in rows], self.model_cfg, max_text=self.cfg.max_text,
+                              per_visual=self.cfg.max_text_per_visual) for rows in np.split(idx, A)]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
         with jax.set_mesh(self.mesh):
             return jax.device_put(stacked, shd.replicated(self.mesh))
@@ -223,7 +231,8 @@ class TargetTrainer(Trainer):
             for i in range(0, len(group), bs):
                 chunk = group[i:i + bs]
                 n = len(chunk)
-                batch = target_batch(chunk + [chunk[0]] * (bs - n), self.model_cfg, max_text=self.cfg.max_text)
+                batch = target_batch(chunk + [chunk[0]] * (bs - n), self.model_cfg, max_text=self.cfg.max_text,
+                                     per_visual=self.cfg.max_text_per_visual)
                 keep = (jnp.arange(bs) < n)[:, None]
                 batch = dataclasses.replace(batch, weight_BL=batch.weight_BL * keep, first_BL=batch.first_BL * keep)
                 s = self._sums_fn(params, batch)

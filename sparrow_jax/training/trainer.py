@@ -66,6 +66,7 @@ class TrainConfig:
     draft_layers: int = 1
     m_star: int | None = None  # bridge layer m* (target hidden state after layer m*); None = default_m_star
     max_text: int = 128
+    max_text_per_visual: float = 0.0  # target task: extra text positions per visual token (long answers)
     max_visual: int = 256
     ivsb: bool = True
     mtp_steps: int = 2
@@ -214,7 +215,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             self.t_shard = shd.state_shardings(tparams, self.mesh)
             self.tparams = jax.device_put(tparams, self.t_shard)
-        self.rng = jax.random.key(cfg.seed)
+        self.rng = self._initial_rng()
         self.step = 0
         # Data.
         if cfg.online:
@@ -308,6 +309,10 @@ class Trainer:
             self._ckpt = ocp.CheckpointManager(Path(self.cfg.out_dir).resolve() / "checkpoints", options=opts)
         return self._ckpt
 
+    def _initial_rng(self):
+        # Placed as the step returns it (replicated on the mesh), so the step compiles once, not twice.
+        return jax.device_put(jax.random.key(self.cfg.seed), shd.replicated(self.mesh))
+
     def _state(self):
         return {"params": self.params, "opt": self.opt_state, "rng": jax.random.key_data(self.rng)}
 
@@ -336,7 +341,7 @@ class Trainer:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         self.params, self.opt_state = out.state["params"], out.state["opt"]
-        self.rng = jax.random.wrap_key_data(out.state["rng"])
+        self.rng = jax.device_put(jax.random.wrap_key_data(out.state["rng"]), shd.replicated(self.mesh))
         self.data_iter.set_state(out.data)
         self.step = int(out.meta["step"])
         return True
