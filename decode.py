@@ -201,7 +201,7 @@ def main(argv=None):
     from sparrow_jax.decoding.metrics import DEFINITIONS, acceptance_summary, speed_summary  # noqa: PLC0415
     from sparrow_jax.decoding.sampling import SamplingParams  # noqa: PLC0415
     from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
-    from sparrow_jax.io.draft_checkpoint import import_eagle  # noqa: PLC0415
+    from sparrow_jax.io.draft_checkpoint import import_official  # noqa: PLC0415
     from sparrow_jax.io.hf_checkpoint import CheckpointError  # noqa: PLC0415
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import VisionInputError  # noqa: PLC0415
@@ -225,13 +225,15 @@ def main(argv=None):
             model = registry.build_target(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
             source = f"random init of {args.config} (no trained weights shipped yet)"
         cfg = model.cfg
-        m_star = tg.default_m_star(cfg.num_layers) if args.m_star is None else args.m_star
-        if not 0 < m_star < cfg.num_layers:
+        # --m-star overrides the bridge layer the draft was trained with (stored in its config); unset,
+        # the engine uses the draft's own m* (or the default rule for a draft that records none).
+        m_star = args.m_star
+        if m_star is not None and not 0 < m_star < cfg.num_layers:
             raise ValueError(f"--m-star {m_star}: must be inside the target's decoder stack (1..{cfg.num_layers - 1})")
         draft, draft_source = None, None
         if visual_mode is not None or args.compare_ar:
             if args.draft:
-                draft = import_eagle(args.draft, target_cfg=cfg, dtype=dtype)
+                draft = import_official(args.draft, target_cfg=cfg, dtype=dtype)
                 draft_source = args.draft
             else:
                 view = views.view_for_mode(visual_mode or "text_only")
@@ -265,8 +267,8 @@ def main(argv=None):
         tg.check_context(batch, cfg.text, args.max_new_tokens)
         T = batch.input_ids_BT.shape[1]
         capacity = cache_capacity(T, args.max_new_tokens, ecfg.cache_slack)
-        pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=capacity, m_star=m_star,
-                                               impl=args.attention))
+        pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=capacity,
+                                               m_star=m_star or tg.default_m_star(cfg.num_layers), impl=args.attention))
         t1 = time.perf_counter()
         res = jax.block_until_ready(ar_generate(tgraph, tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
                                                 max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
@@ -322,7 +324,10 @@ def main(argv=None):
     main_run = runs.get("spec", runs.get("ar"))
     batch = main_run["batch"]
     record = {"mode": args.mode, "target": source, "draft": draft_source, "tree": str(tree) if visual_mode else None,
-              "max_draft_tokens": tree.max_draft_tokens if visual_mode else None, "m_star": m_star,
+              "max_draft_tokens": tree.max_draft_tokens if visual_mode else None,
+              "m_star": m_star if m_star is not None else (
+                  draft.cfg.m_star if draft is not None and draft.cfg.m_star is not None
+                  else tg.default_m_star(cfg.num_layers)),
               "batch": B, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
               "prefill_s": main_run["prefill_s"], "decode_s": main_run["decode_s"],
               "timed_runs": args.repeats if args.compare_ar else 1, "first_call_includes_compile": not args.compare_ar}

@@ -48,7 +48,7 @@ from sparrow_jax.io.hf_checkpoint import CheckpointError
 from sparrow_jax.models.draft import DraftConfig, DraftConfigError, SparrowDraft
 from sparrow_jax.models.layers import ACTIVATIONS
 
-__all__ = ["save_draft", "load_draft", "import_official", "export_official", "detect_format", "import_eagle",
+__all__ = ["save_draft", "load_draft", "import_official", "export_official", "detect_format",
            "target_embedding", "draft_tensors", "OFFICIAL_FORMATS", "DraftFormatError", "CheckpointError",
            "DraftConfigError"]
 
@@ -403,8 +403,6 @@ def import_official(path, *, target_cfg, dtype=jnp.float32, target_embedding=Non
         tensors["fc.bias"] = (np.zeros((cfg.hidden_size,), np.float32), d / "config.json")
     return _fill(cfg, tensors, d, dtype)
 
-
-import_eagle = import_official  # former name, kept for callers (decode.py)
 
 
 def target_embedding(target) -> np.ndarray:
