@@ -58,12 +58,21 @@ def parse_args(argv=None):
     inp.add_argument("--prompt", action="append", help="question text; repeat for a batch")
     inp.add_argument("--video", action="append", default=[], help="video file (mp4/webm/mkv); repeatable")
     inp.add_argument("--image", action="append", default=[], help="image file; repeatable")
-    inp.add_argument("--fps", type=float, default=2.0, help="video sampling rate (frames per second)")
-    inp.add_argument("--max-frames", type=int, default=768)
+    inp.add_argument("--fps", type=float, default=None,
+                     help="Qwen2.5-VL: video sampling rate in frames per second, by presentation time (default: the "
+                     "target's video_preprocessor_config.json, else 2)")
+    inp.add_argument("--max-frames", type=int, default=None,
+                     help="Qwen2.5-VL: most frames sampled per video (default: the target's preprocessor, else 768)")
     inp.add_argument("--num-frames", type=int, default=32,
                      help="LLaVA-OneVision: frames sampled uniformly per video")
-    inp.add_argument("--max-pixels", type=int, default=None, help="per-frame pixel budget (Qwen resize rule)")
-    inp.add_argument("--min-pixels", type=int, default=None, help="per-frame pixel floor (Qwen resize rule)")
+    inp.add_argument("--max-pixels", type=int, default=None,
+                     help="Qwen2.5-VL: per-frame pixel cap (default: the target's preprocessor config)")
+    inp.add_argument("--min-pixels", type=int, default=None,
+                     help="Qwen2.5-VL: per-frame pixel floor (default: the target's preprocessor config)")
+    inp.add_argument("--max-visual-tokens", type=int, default=None,
+                     help="visual tokens one video or image may take: frames are shrunk, then fewer frames sampled, "
+                     "to fit (default: 90%% of the target's context, qwen-vl-utils' VIDEO_TOTAL_PIXELS rule); "
+                     "what was applied is printed")
     gen = ap.add_argument_group("generation")
     gen.add_argument("--mode", choices=["ar", "sparrow", *(m for m in MODE_VIEW if m != "text_only")],
                      default="sparrow",
@@ -104,13 +113,165 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+class UsageError(ValueError):
+    """A command-line argument that cannot work (exit code 2)."""
+
+
+def fail(message: str, code: int):
+    """One line on stderr, then exit: 2 for usage errors, 1 for bad inputs and failed runs."""
+    print(f"decode.py: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def check_args(args):
+    """Usage errors found from the arguments alone (before anything is read or loaded)."""
+    from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
+
+    positive = {"--max-new-tokens": args.max_new_tokens, "--repeats": args.repeats, "--fps": args.fps,
+                "--max-frames": args.max_frames, "--num-frames": args.num_frames, "--max-pixels": args.max_pixels,
+                "--min-pixels": args.min_pixels, "--max-visual-tokens": args.max_visual_tokens,
+                "--m-star": args.m_star}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} {value}: must be positive")
+    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
+        raise UsageError(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
+    if args.mode != "pruned_visual":
+        for flag, value in (("--keep-fraction", args.keep_fraction), ("--prune-by", args.prune_by)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to --mode pruned_visual only (mode is {args.mode})")
+    if args.keep_fraction is not None and not 0 < args.keep_fraction <= 1:
+        raise UsageError(f"--keep-fraction {args.keep_fraction}: must be in (0, 1] (the share of visual positions "
+                         "the draft keeps)")
+    try:
+        tree = TreeSpec.parse(args.tree)
+    except ValueError as e:
+        raise UsageError(f"--tree {args.tree}: {str(e).removeprefix(f'tree {args.tree!r}: ')}; the notation is "
+                         "TOTAL-DEPTH-TOPK (e.g. 48-5-10: 48 nodes with the root, 5 expansion steps, top-10) or "
+                         "chainN (N draft tokens, e.g. chain4)") from None
+    if args.jsonl:
+        check_writable(args.jsonl, "--jsonl")
+    return tree
+
+
+def check_writable(path, flag: str):
+    """An output file we can append to: an existing writable file, or a new one in a writable directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory")
+    if p.exists():
+        if not os.access(p, os.W_OK):
+            raise UsageError(f"{flag} {path}: file is not writable")
+        return
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: directory {parent} is not writable")
+
+
+def check_args_for_target(args, cfg, tree):
+    """Usage errors that need the target's config.json (read before any weights)."""
+    L, V = cfg.num_layers, cfg.text.vocab_size
+    if args.m_star is not None and not 0 < args.m_star < L:
+        raise UsageError(f"--m-star {args.m_star}: must be inside the target's decoder stack (1..{L - 1})")
+    if args.top_k > V:
+        raise UsageError(f"--top-k {args.top_k}: exceeds the target's vocabulary of {V} tokens")
+    if args.mode != "ar" and tree.top_k > V:
+        raise UsageError(f"--tree {args.tree}: top-k {tree.top_k} exceeds the target's vocabulary of {V} tokens")
+    if cfg.family == "llava_onevision":
+        for flag, value in (("--fps", args.fps), ("--max-frames", args.max_frames), ("--min-pixels", args.min_pixels),
+                            ("--max-pixels", args.max_pixels)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to Qwen2.5-VL targets; a LLaVA-OneVision target samples "
+                                 "--num-frames frames per video at its own tile size")
+
+
+def check_input_files(args):
+    """Every --video / --image exists, is a non-empty regular file and is readable (decoding follows)."""
+    from sparrow_jax.io.vision_inputs import VisionInputError, _check_regular_file  # noqa: PLC0415
+
+    for flag, paths in (("--video", args.video), ("--image", args.image)):
+        for path in paths:
+            _check_regular_file(path)
+            if not os.access(path, os.R_OK):
+                raise VisionInputError(f"{path}: not readable ({flag})")
+
+
+def check_prompt_context(prompts, cfg, max_new_tokens: int):
+    """Refuse prompts that run past the target's context, before any weights are read (the rule of
+    target.check_context, on the prompts' lengths and M-RoPE deltas)."""
+    import types  # noqa: PLC0415
+
+    from sparrow_jax.models import target as tg  # noqa: PLC0415
+
+    lengths = [len(p.input_ids) for p in prompts]
+    if cfg.family == "qwen2_5_vl":
+        from sparrow_jax.models.qwen2_5_vl import rope_index  # noqa: PLC0415
+
+        deltas = [rope_index(p.input_ids, p.mm_token_type_ids, [v.grid_thw for v in p.visuals],
+                             [v.second_per_grid_t for v in p.visuals], cfg)[1] for p in prompts]
+    else:
+        deltas = [0] * len(prompts)
+    tg.check_context(types.SimpleNamespace(lengths_B=lengths, rope_delta_B=deltas), cfg.text, max_new_tokens)
+
+
+def model_dir(args) -> Path | None:
+    """The directory holding the target's config.json (and its preprocessor JSON files, tokenizer)."""
+    path = args.target or args.config
+    if path is None:
+        return None
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def max_visual_tokens(args, cfg) -> int:
+    from sparrow_jax.io.vision_inputs import default_max_visual_tokens  # noqa: PLC0415
+
+    return args.max_visual_tokens or default_max_visual_tokens(cfg.text.max_position_embeddings)
+
+
+def qwen_preprocessing(args, cfg):
+    """(video, image) VisionPreprocessConfig of the target: its vision config, its
+    video_preprocessor_config.json / preprocessor_config.json when present (a video falls back to the
+    image file, as transformers does), then the explicit CLI flags and the visual-token budget."""
+    from sparrow_jax.io.vision_inputs import VisionPreprocessConfig  # noqa: PLC0415
+
+    d = model_dir(args)
+    image_json = d / "preprocessor_config.json" if d and (d / "preprocessor_config.json").is_file() else None
+    video_json = d / "video_preprocessor_config.json" if d and (d / "video_preprocessor_config.json").is_file() \
+        else image_json
+    pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
+    frames = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
+    budget = max_visual_tokens(args, cfg)
+    vcfg = VisionPreprocessConfig.for_model(cfg.vision, video=True, preprocessor_json=video_json,
+                                            max_visual_tokens=budget, **pixels, **frames)
+    icfg = VisionPreprocessConfig.for_model(cfg.vision, video=False, preprocessor_json=image_json,
+                                            max_visual_tokens=budget, **pixels)
+    return vcfg, icfg
+
+
 def build_llava_prompts(args, cfg, codec, prompts_text, videos):
     """LLaVA-OneVision rows: chat prefix, one visual (anyres image or uniformly sampled video), question."""
-    from sparrow_jax.io.llava_inputs import build_prompt, preprocess_image, preprocess_video  # noqa: PLC0415
+    from sparrow_jax.io.llava_inputs import (  # noqa: PLC0415
+        LlavaPreprocessConfig, build_prompt, preprocess_image, preprocess_video)
     from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX  # noqa: PLC0415
 
-    visuals = ([preprocess_video(v, cfg, num_frames=args.num_frames) for v in videos] +
-               [preprocess_image(i, cfg) for i in args.image])
+    d = model_dir(args)
+    pcfg = (LlavaPreprocessConfig.from_hf_preprocessor_json(d / "preprocessor_config.json")
+            if d and (d / "preprocessor_config.json").is_file() else None)
+    budget = max_visual_tokens(args, cfg)
+    visuals = ([preprocess_video(v, cfg, pcfg, num_frames=args.num_frames, max_visual_tokens=budget) for v in videos] +
+               [preprocess_image(i, cfg, pcfg) for i in args.image])
+    for v in visuals:
+        if v.summary:
+            print(f"[decode] {v.kind} {v.summary}")
     if len(visuals) > len(prompts_text):
         prompts_text += [prompts_text[-1]] * (len(visuals) - len(prompts_text))
     out = []
@@ -123,7 +284,7 @@ def build_llava_prompts(args, cfg, codec, prompts_text, videos):
 def build_prompts(args, cfg, codec, workdir):
     from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import (  # noqa: PLC0415
-        VisionPreprocessConfig, VisionTokenIds, build_multimodal_prompt, preprocess_image, preprocess_video)
+        VisionTokenIds, build_multimodal_prompt, preprocess_image, preprocess_video)
     from sparrow_jax.synthetic.video import demo_video  # noqa: PLC0415
 
     prompts_text = args.prompt or ["What is moving in this video?"]
@@ -134,20 +295,10 @@ def build_prompts(args, cfg, codec, workdir):
         videos = [str(path)]
     if cfg.family == "llava_onevision":
         return build_llava_prompts(args, cfg, codec, prompts_text, videos)
-
-    def bounds(base):
-        kw = {}
-        if args.max_pixels:
-            kw["max_pixels"] = args.max_pixels
-            kw["min_pixels"] = min(base.min_pixels, args.max_pixels)
-        if args.min_pixels:
-            kw["min_pixels"] = args.min_pixels
-        return kw
-
-    vcfg = VisionPreprocessConfig.for_video(fps=args.fps, max_frames=args.max_frames,
-                                            **bounds(VisionPreprocessConfig.for_video()))
-    icfg = VisionPreprocessConfig(**bounds(VisionPreprocessConfig()))
+    vcfg, icfg = qwen_preprocessing(args, cfg)
     visuals = [preprocess_video(v, vcfg) for v in videos] + [preprocess_image(i, icfg) for i in args.image]
+    for v in visuals:
+        print(f"[decode] {v.kind} {v.summary}")
     if len(visuals) > len(prompts_text):
         prompts_text += [prompts_text[-1]] * (len(visuals) - len(prompts_text))
     ids = VisionTokenIds(cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id)
@@ -191,6 +342,10 @@ class StreamPrinter:
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        tree = check_args(args)
+    except UsageError as e:
+        fail(e, 2)
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -200,7 +355,6 @@ def main(argv=None):
     from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity  # noqa: PLC0415
     from sparrow_jax.decoding.metrics import DEFINITIONS, acceptance_summary, speed_summary  # noqa: PLC0415
     from sparrow_jax.decoding.sampling import SamplingParams  # noqa: PLC0415
-    from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
     from sparrow_jax.io.draft_checkpoint import import_official  # noqa: PLC0415
     from sparrow_jax.io.hf_checkpoint import CheckpointError  # noqa: PLC0415
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
@@ -212,24 +366,25 @@ def main(argv=None):
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     visual_mode = "text_only" if args.mode == "sparrow" else args.mode if args.mode in MODE_VIEW else None
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
+    # --m-star overrides the bridge layer the draft was trained with (stored in its config); unset,
+    # the engine uses the draft's own m* (or the default rule for a draft that records none).
+    m_star = args.m_star
+    # Order: arguments, the target's config.json, input files and their preprocessing, then weights.
     try:
-        sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
-        tree = TreeSpec.parse(args.tree)
-        if args.repeats < 1:
-            raise ValueError(f"--repeats {args.repeats}: need at least 1 timed run")
-        if args.target:
-            model = registry.load_target(args.target, dtype=dtype)
-            source = args.target
-        else:
-            cfg = registry.config_from_dict(*registry.read_config_dict(args.config))
-            model = registry.build_target(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
-            source = f"random init of {args.config} (no trained weights shipped yet)"
-        cfg = model.cfg
-        # --m-star overrides the bridge layer the draft was trained with (stored in its config); unset,
-        # the engine uses the draft's own m* (or the default rule for a draft that records none).
-        m_star = args.m_star
-        if m_star is not None and not 0 < m_star < cfg.num_layers:
-            raise ValueError(f"--m-star {m_star}: must be inside the target's decoder stack (1..{cfg.num_layers - 1})")
+        cfg = registry.config_from_dict(*registry.read_config_dict(args.target or args.config))
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:
+        fail(e, 1)
+    try:
+        check_args_for_target(args, cfg, tree)
+    except UsageError as e:
+        fail(e, 2)
+    try:
+        check_input_files(args)
+        codec = load_codec(args.target, cfg.text.vocab_size)
+        with tempfile.TemporaryDirectory() as workdir:
+            texts, prompts = build_prompts(args, cfg, codec, workdir)
+        check_prompt_context(prompts, cfg, args.max_new_tokens)
         draft, draft_source = None, None
         if visual_mode is not None or args.compare_ar:
             if args.draft:
@@ -243,11 +398,15 @@ def main(argv=None):
             if visual_mode is not None:
                 views.check_draft_view(draft.cfg.visual_view, visual_mode, allow_mismatch=args.force_view,
                                        source=f"draft {draft_source}")
-        codec = load_codec(args.target, cfg.text.vocab_size)
-        with tempfile.TemporaryDirectory() as workdir:
-            texts, prompts = build_prompts(args, cfg, codec, workdir)
+        if args.target:
+            model = registry.load_target(args.target, dtype=dtype)
+            source = args.target
+        else:
+            model = registry.build_target(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
+            source = f"random init of {args.config} (no trained weights shipped yet)"
+        cfg = model.cfg
     except (CheckpointError, ConfigError, DraftConfigError, VisionInputError, ValueError, OSError) as e:
-        sys.exit(f"decode.py: error: {e}")
+        fail(e, 1)
     print(f"[decode] target: {source}\n[decode] tokenizer: {codec.name}\n[decode] backend: {jax.default_backend()}, "
           f"dtype {args.dtype}, batch {len(prompts)}, mode {args.mode}" +
           (f", tree {tree}, draft: {draft_source}" if visual_mode else ""))
@@ -317,8 +476,8 @@ def main(argv=None):
             runs["ar"] = run_ar(stream)
         else:
             runs["spec"] = run_spec(stream)
-    except tg.ContextLengthError as e:
-        sys.exit(f"decode.py: error: {e}")
+    except ValueError as e:  # engine.prepare / prefill refusals (context, views, trees): clear messages
+        fail(e, 1)
     if stream is not None:
         print()
     main_run = runs.get("spec", runs.get("ar"))
@@ -377,12 +536,13 @@ def main(argv=None):
         nvis = int(batch.vis_len_B[b])
         print(f"\n[{b}] Q: {text}  ({len(prompts[b].input_ids)} prompt tokens, {nvis} visual)\n[{b}] A: {answer!r}"
               f"\n[{b}] ids: {ids}")
-        if args.jsonl:
+        if args.jsonl:  # one line per row as it is printed (checked writable before any work)
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps({**record, "row": b, "prompt": text, "tokens": ids, "text": answer,
                                     "prompt_tokens": len(prompts[b].input_ids), "visual_tokens": nvis}) + "\n")
+                f.flush()
     if failure is not None:
-        sys.exit(f"decode.py: error: {failure}")
+        fail(failure, 1)
 
 
 if __name__ == "__main__":

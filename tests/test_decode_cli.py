@@ -19,6 +19,16 @@ from sparrow_jax.models.draft import DraftConfig, SparrowDraft  # noqa: E402
 from sparrow_jax.synthetic.video import random_scene, render_frames, write_video  # noqa: E402
 
 
+def error_of(argv, capsys):
+    """Run decode.py expecting a refusal: (exit code, the stderr message line)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        decode.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("decode.py: error: "), err
+    return e.value.code, err[0]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
@@ -47,25 +57,22 @@ def test_sparrow_mode_with_compare_ar_writes_jsonl(files, capsys):
     assert "DSR" in capsys.readouterr().out
 
 
-def test_bad_video_is_a_one_line_error(files):
+def test_bad_video_is_a_one_line_error(files, capsys):
     d, cfg, _ = files
     bad = d / "broken.mp4"
     bad.write_bytes(b"not a video")
-    with pytest.raises(SystemExit) as e:
-        decode.main(["--config", str(cfg), "--video", str(bad), "--max-new-tokens", "2"])
-    msg = str(e.value)
-    assert "broken.mp4" in msg and "\n" not in msg
+    code, msg = error_of(["--config", str(cfg), "--video", str(bad), "--max-new-tokens", "2"], capsys)
+    assert code == 1 and "broken.mp4" in msg
 
 
-def test_draft_that_does_not_fit_is_refused(files):
+def test_draft_that_does_not_fit_is_refused(files, capsys):
     d, cfg, video = files
     wrong = SparrowDraft(DraftConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                      num_key_value_heads=2, vocab_size=_tiny.VOCAB), rngs=nnx.Rngs(0))
     save_draft(wrong, d / "wrong_draft")
-    with pytest.raises(SystemExit) as e:
-        decode.main(["--config", str(cfg), "--video", str(video), "--draft", str(d / "wrong_draft"),
-                     "--max-new-tokens", "2"])
-    assert "hidden size 32" in str(e.value)
+    code, msg = error_of(["--config", str(cfg), "--video", str(video), "--draft", str(d / "wrong_draft"),
+                          "--max-new-tokens", "2"], capsys)
+    assert code == 1 and "hidden size 32" in msg
 
 
 def test_help_exits_cleanly(capsys):
@@ -104,26 +111,26 @@ def test_compare_ar_refuses_to_report_speedups_for_different_outputs(files, caps
     with pytest.raises(SystemExit) as e:
         decode.main(["--config", str(cfg), "--video", str(video), "--prompt", "What moves?", "--max-pixels",
                      str(56 * 56), "--max-new-tokens", "4", "--tree", "10-3-3", "--compare-ar", "--repeats", "1"])
-    out = capsys.readouterr().out
-    assert "row 0, position 2" in str(e.value) and "MISMATCH" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert e.value.code == 1 and "row 0, position 2" in captured.err and "MISMATCH" in out
     assert "-> DSR" not in out, "no speedup may be printed for different outputs"
 
 
-def test_m_star_outside_the_stack_is_refused(files):
+def test_m_star_outside_the_stack_is_refused(files, capsys):
     d, cfg, video = files
-    with pytest.raises(SystemExit) as e:
-        decode.main(["--config", str(cfg), "--video", str(video), "--max-new-tokens", "2", "--m-star", "99"])
-    assert "--m-star 99" in str(e.value)
+    code, msg = error_of(["--config", str(cfg), "--video", str(video), "--max-new-tokens", "2", "--m-star", "99"],
+                         capsys)
+    assert code == 2 and "--m-star 99" in msg
 
 
-def test_prompt_over_context_is_refused(files, tmp_path):
+def test_prompt_over_context_is_refused(files, tmp_path, capsys):
     d, cfg, video = files
     small = json.loads(cfg.read_text())
     small["text_config"]["max_position_embeddings"] = 40
     p = tmp_path / "short_ctx.json"
     p.write_text(json.dumps(small))
     for mode in ("ar", "sparrow"):
-        with pytest.raises(SystemExit) as e:
-            decode.main(["--config", str(p), "--video", str(video), "--max-pixels", str(56 * 56), "--mode", mode,
-                         "--max-new-tokens", "8", "--tree", "10-3-3"])
-        assert "over the target's context of 40 positions" in str(e.value) and "prompt 0" in str(e.value)
+        code, msg = error_of(["--config", str(p), "--video", str(video), "--max-pixels", str(56 * 56), "--mode", mode,
+                              "--max-new-tokens", "8", "--tree", "10-3-3"], capsys)
+        assert code == 1 and "over the target's context of 40 positions" in msg and "prompt 0" in msg

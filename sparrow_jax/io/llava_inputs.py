@@ -11,7 +11,8 @@ Reproduces transformers 5.23 `LlavaOnevisionImageProcessorPil` (the PIL backend)
 * video frames: each frame resized to S x S. HF's `LlavaOnevisionVideoProcessor` does this with
   torchvision (not installed here, and not bit-identical to PIL); we use the PIL path, so a frame is
   processed exactly like a base tile of an image of that frame. Frames are sampled uniformly
-  (`np.linspace(0, n - 1, num_frames)`, as LLaVA-OneVision's evaluation code does).
+  (`np.linspace(0, n - 1, num_frames)`, as LLaVA-OneVision's evaluation code does) — in presentation
+  time for a variable-frame-rate video — and cut to a visual-token budget when one is given.
 
 Prompt layout: a visual is `num_visual_tokens` copies of its placeholder (`<image>` /
 `<video>` id) with no delimiters; `mm_token_type_ids` is 0 text, 1 image, 2 video. Token counts
@@ -20,6 +21,7 @@ come from `sparrow_jax.models.llava_onevision.num_visual_tokens` (the processor'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -30,8 +32,8 @@ import numpy as np
 import PIL.Image
 
 from sparrow_jax.io.vision_inputs import (
-    VisionInputError, _array_to_rgb, _as_rgb_frames, _check_regular_file, _count_frames, _decode_selected,
-    _load_image_file, _pil_to_rgb)
+    VisionInputError, _array_to_rgb, _as_rgb_frames, _check_regular_file, _decode_selected, _load_image_file,
+    _pil_to_rgb, _probe_video)
 from sparrow_jax.models.llava_onevision import (
     LlavaOneVisionConfig, num_tiles, num_visual_tokens, select_best_resolution)
 
@@ -75,6 +77,7 @@ class LlavaVisual:
     pixel_values: np.ndarray
     image_size: tuple[int, int] | None = None
     anyres: bool = True
+    summary: str = ""  # one line: the sampling and resizing applied (files), for logs
 
     def num_tokens(self, cfg: LlavaOneVisionConfig) -> int:
         if self.kind == "video":
@@ -169,16 +172,37 @@ def preprocess_video_frames(frames_THW3: np.ndarray, cfg: LlavaOneVisionConfig,
     return LlavaVisual("video", _normalize(np.stack([_resize(f, S, S) for f in frames]), pcfg))
 
 
+def video_frame_count(num_frames: int, cfg: LlavaOneVisionConfig, max_visual_tokens: int | None = None) -> int:
+    """`num_frames`, cut so the video's tokens (frames x pooled grid + newline) fit `max_visual_tokens`."""
+    if max_visual_tokens is None:
+        return num_frames
+    per_frame = num_visual_tokens("video", cfg, num_frames=1) - 1
+    return max(1, min(num_frames, (max_visual_tokens - 1) // per_frame))
+
+
 def preprocess_video(path, cfg: LlavaOneVisionConfig, pcfg: LlavaPreprocessConfig | None = None, *,
-                     num_frames: int = 32) -> LlavaVisual:
-    """Decode a video file (PyAV), keep `num_frames` uniformly spaced frames, preprocess them."""
+                     num_frames: int = 32, max_visual_tokens: int | None = None) -> LlavaVisual:
+    """Decode a video file (PyAV), keep `num_frames` (cut to `max_visual_tokens`) frames evenly spaced
+    in time, preprocess them. `summary` says what was applied."""
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     path = os.fspath(path)
     _check_regular_file(path)
-    total, _ = _count_frames(path)
-    idx = np.linspace(0, total - 1, min(num_frames, total)).astype(np.int64)
-    return preprocess_video_frames(_decode_selected(path, idx), cfg, pcfg)
+    probe = _probe_video(path)
+    n = min(video_frame_count(num_frames, cfg, max_visual_tokens), probe.total_frames)
+    if probe.constant_rate:
+        idx = np.linspace(0, probe.total_frames - 1, n).astype(np.int64)
+    else:  # the same instants in presentation time: the frame on screen at each
+        instants = np.linspace(0, probe.times_s[-1], n)
+        idx = np.clip(np.searchsorted(probe.times_s, instants + 1e-9, side="right") - 1, 0, probe.total_frames - 1)
+    vis = preprocess_video_frames(_decode_selected(path, idx), cfg, pcfg)
+    S = cfg.vision.image_size
+    summary = (f"{os.path.basename(path)}: {probe.duration_s:.1f} s, {probe.total_frames} frames "
+               f"({'constant' if probe.constant_rate else 'variable'} frame rate); sampled {n} frames evenly "
+               f"in {'frame index' if probe.constant_rate else 'presentation time'}"
+               + (f" (cut from {num_frames} to fit {max_visual_tokens} visual tokens)" if n < min(num_frames, probe.total_frames) else "")
+               + f"; frames {probe.width}x{probe.height} -> {S}x{S}; {vis.num_tokens(cfg)} visual tokens")
+    return dataclasses.replace(vis, summary=summary)
 
 
 # ------------------------------------------------------------------------------------------ prompt

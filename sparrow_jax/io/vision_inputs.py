@@ -11,8 +11,13 @@ Reproduces the math of transformers' Qwen2-VL/Qwen2.5-VL processors (v5.23):
                           to PIL; we deliberately use the PIL path for both images and videos so a video
                           frame is processed exactly like an image of that frame.
 * frame sampling        - ``Qwen2VLVideoProcessor.sample_frames`` (fps-based rule, see
-                          :func:`sample_frame_indices`).
-* ``second_per_grid_t`` - ``Qwen2_5_VLProcessor._process_videos``: temporal_patch_size / sampled_fps.
+                          :func:`sample_frame_indices`) for constant-frame-rate video; variable-rate
+                          video by presentation timestamps (:func:`sample_frame_times`).
+* ``second_per_grid_t`` - ``Qwen2_5_VLProcessor._process_videos``: temporal_patch_size / sampled_fps
+                          (sampled_fps = sampled frames / duration measured from the timestamps).
+* total visual budget   - qwen-vl-utils' ``VIDEO_TOTAL_PIXELS`` / HF ``cap_pixels_per_frame`` (frames
+                          capped at an even share), plus a hard ``max_visual_tokens`` that also drops
+                          frames (:func:`fit_video_budget`).
 * prompt layout         - ``<|vision_start|> + N * <|image_pad|/|video_pad|> + <|vision_end|>``;
                           ``mm_token_type_ids`` as ``ProcessorMixin.create_mm_token_type_ids`` (only the
                           pad tokens are typed 1/2, delimiters are text = 0).
@@ -45,7 +50,13 @@ __all__ = [
     "VisionTokenIds",
     "MultimodalPrompt",
     "smart_resize",
+    "default_max_visual_tokens",
+    "num_sampled_frames",
     "sample_frame_indices",
+    "sample_frame_times",
+    "frame_size",
+    "visual_tokens",
+    "fit_video_budget",
     "read_video",
     "patchify",
     "preprocess_frames",
@@ -56,6 +67,10 @@ __all__ = [
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Share of the model's context a video may fill: qwen-vl-utils' VIDEO_TOTAL_PIXELS (128000 * 28 * 28 * 0.9
+# for a 128k-context model) and transformers' `cap_pixels_per_frame` budget (0.9 x max_video_tokens).
+VIDEO_CONTEXT_SHARE = 0.9
 
 # Demuxers that FFmpeg uses for still images / text; PyAV happily "decodes" them as 1-frame videos.
 _STILL_IMAGE_SUFFIX = "_pipe"  # png_pipe, jpeg_pipe, webp_pipe, bmp_pipe, ...
@@ -112,7 +127,14 @@ class VisionPreprocessConfig:
 
     Frame sampling (videos only): ``fps`` target sampling rate (None = keep every decoded frame,
     HF's ``do_sample_frames=False``), clamped to ``[min_frames, max_frames]``.
-    ``cap_pixels_per_frame`` / ``max_video_tokens`` mirror HF's optional total-video pixel budget.
+    ``cap_pixels_per_frame`` / ``max_video_tokens`` mirror HF's optional total-video pixel budget
+    (each frame capped at an even share of 90 % of ``max_video_tokens`` tokens' pixels, floored at
+    1.05 x ``min_pixels``: qwen-vl-utils' ``VIDEO_TOTAL_PIXELS`` rule). ``max_visual_tokens`` is a hard
+    budget for one visual (ours): the same per-frame share of ``max_visual_tokens`` tokens' pixels, and
+    where the pixel floor still overflows it, fewer frames (:func:`fit_video_budget`); images are
+    shrunk to fit it too.
+
+    :meth:`for_model` builds one from a target's vision config and its HF preprocessor JSON files.
     """
 
     patch_size: int = 14
@@ -128,11 +150,14 @@ class VisionPreprocessConfig:
     max_frames: int = 768
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
+    max_visual_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "max_frames"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"VisionPreprocessConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_visual_tokens is not None and self.max_visual_tokens <= 0:
+            raise ValueError(f"VisionPreprocessConfig.max_visual_tokens must be positive, got {self.max_visual_tokens}")
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels ({self.min_pixels}) > max_pixels ({self.max_pixels})")
         if self.fps is not None and self.fps <= 0:
@@ -147,6 +172,16 @@ class VisionPreprocessConfig:
     def factor(self) -> int:
         """Spatial resize granularity: patch_size * merge_size (28 for Qwen2.5-VL)."""
         return self.patch_size * self.merge_size
+
+    @property
+    def video_pixel_budget(self) -> int | None:
+        """Total pixels of one temporal group summed over a video (tokens x factor^2), or None: the
+        hard budget ``max_visual_tokens``, else HF's ``cap_pixels_per_frame`` budget."""
+        if self.max_visual_tokens is not None:
+            return self.max_visual_tokens * self.factor * self.factor
+        if self.cap_pixels_per_frame:
+            return int(self.max_video_tokens * self.factor * self.factor * VIDEO_CONTEXT_SHARE)
+        return None
 
     @classmethod
     def for_video(cls, **overrides) -> VisionPreprocessConfig:
@@ -164,37 +199,100 @@ class VisionPreprocessConfig:
         ``size`` exactly like HF's ``__init__``. Unsupported switches (do_resize/do_rescale/
         do_normalize = false, non-bicubic resample) raise ValueError instead of being ignored.
         """
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = _read_json(path)
         if video is None:
             video = "video_processor_type" in data
+        return cls._build(path, video, _json_kwargs(path, data))
+
+    @classmethod
+    def for_model(cls, vision, *, video: bool, preprocessor_json: str | os.PathLike | None = None,
+                  **overrides) -> VisionPreprocessConfig:
+        """The preprocessing a target expects: patch / temporal patch / merge sizes from its vision config
+        (``vision``: ``patch_size``, ``temporal_patch_size``, ``spatial_merge_size``), the rest from its
+        HF ``preprocessor_json`` when given (a value there that contradicts the vision config is a
+        ValueError naming the file and key), then ``overrides`` (e.g. CLI flags)."""
+        model = {"patch_size": int(vision.patch_size), "temporal_patch_size": int(vision.temporal_patch_size),
+                 "merge_size": int(vision.spatial_merge_size)}
         kwargs: dict = {}
-        size = data.get("size") or {}
-        if size.get("shortest_edge") is not None:
-            kwargs["min_pixels"] = int(size["shortest_edge"])
-        if size.get("longest_edge") is not None:
-            kwargs["max_pixels"] = int(size["longest_edge"])
-        for key in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size",
-                    "min_frames", "max_frames", "max_video_tokens"):
-            if data.get(key) is not None:
-                kwargs[key] = int(data[key])
-        for key in ("image_mean", "image_std"):
-            if data.get(key) is not None:
-                kwargs[key] = tuple(float(v) for v in data[key])
-        if data.get("rescale_factor") is not None:
-            kwargs["rescale_factor"] = float(data["rescale_factor"])
-        if "fps" in data:
-            kwargs["fps"] = None if data["fps"] is None else float(data["fps"])
-        if data.get("do_sample_frames") is False and "fps" not in data:
-            kwargs["fps"] = None
-        if data.get("cap_pixels_per_frame") is not None:
-            kwargs["cap_pixels_per_frame"] = bool(data["cap_pixels_per_frame"])
-        for flag in ("do_resize", "do_rescale", "do_normalize"):
-            if data.get(flag) is False:
-                raise ValueError(f"{path}: {flag}=false is not supported")
-        if data.get("resample", 3) != 3:  # PILImageResampling.BICUBIC
-            raise ValueError(f"{path}: only bicubic resample (3) is supported, got {data['resample']}")
-        return cls.for_video(**kwargs) if video else cls(**kwargs)
+        if preprocessor_json is not None:
+            data = _read_json(preprocessor_json)
+            kwargs = _json_kwargs(preprocessor_json, data)
+            model_key = {"patch_size": "patch_size", "temporal_patch_size": "temporal_patch_size",
+                         "merge_size": "spatial_merge_size"}
+            for key, value in model.items():
+                if key in kwargs and kwargs[key] != value:
+                    raise ValueError(f"{preprocessor_json}: {key} {kwargs[key]} does not match the model's "
+                                     f"vision_config.{model_key[key]} {value}")
+        kwargs.update(model)
+        kwargs.update(overrides)
+        if "max_pixels" in overrides and "min_pixels" not in overrides:
+            # a per-frame cap under the pixel floor lowers the floor with it
+            floor = kwargs.get("min_pixels", (cls.for_video() if video else cls()).min_pixels)
+            kwargs["min_pixels"] = min(floor, overrides["max_pixels"])
+        return cls._build(preprocessor_json or "preprocessing", video, kwargs)
+
+    @classmethod
+    def _build(cls, source, video: bool, kwargs: dict) -> VisionPreprocessConfig:
+        try:
+            return cls.for_video(**kwargs) if video else cls(**kwargs)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+
+def _read_json(path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(_one_line(f"{path}: cannot read preprocessor JSON ({type(exc).__name__}: {exc})")) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _json_kwargs(path, data: Mapping) -> dict:
+    """VisionPreprocessConfig fields given by a HF preprocessor JSON dict (see from_hf_preprocessor_json)."""
+    try:
+        return _json_kwargs_unchecked(path, data)
+    except (TypeError, ValueError, AttributeError) as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(_one_line(f"{path}: bad value ({type(exc).__name__}: {exc})")) from None
+
+
+def _json_kwargs_unchecked(path, data: Mapping) -> dict:
+    kwargs: dict = {}
+    size = data.get("size") or {}
+    if size.get("shortest_edge") is not None:
+        kwargs["min_pixels"] = int(size["shortest_edge"])
+    if size.get("longest_edge") is not None:
+        kwargs["max_pixels"] = int(size["longest_edge"])
+    for key in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size",
+                "min_frames", "max_frames", "max_video_tokens"):
+        if data.get(key) is not None:
+            kwargs[key] = int(data[key])
+    for key in ("image_mean", "image_std"):
+        if data.get(key) is not None:
+            kwargs[key] = tuple(float(v) for v in data[key])
+    if data.get("rescale_factor") is not None:
+        kwargs["rescale_factor"] = float(data["rescale_factor"])
+    if "fps" in data:
+        kwargs["fps"] = None if data["fps"] is None else float(data["fps"])
+    if data.get("do_sample_frames") is False and "fps" not in data:
+        kwargs["fps"] = None
+    if data.get("cap_pixels_per_frame") is not None:
+        kwargs["cap_pixels_per_frame"] = bool(data["cap_pixels_per_frame"])
+    for flag in ("do_resize", "do_rescale", "do_normalize"):
+        if data.get(flag) is False:
+            raise ValueError(f"{path}: {flag}=false is not supported")
+    if data.get("resample", 3) != 3:  # PILImageResampling.BICUBIC
+        raise ValueError(f"{path}: only bicubic resample (3) is supported, got {data['resample']}")
+    return kwargs
+
+
+def default_max_visual_tokens(context_len: int) -> int:
+    """qwen-vl-utils' total video budget for a model of ``context_len`` positions, in visual tokens."""
+    return int(context_len * VIDEO_CONTEXT_SHARE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +329,27 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def sample_frame_indices(total_frames: int, video_fps: float, cfg: VisionPreprocessConfig) -> np.ndarray:
+def num_sampled_frames(total_frames: int, video_fps: float, cfg: VisionPreprocessConfig) -> int:
+    """How many frames the fps rule keeps (see :func:`sample_frame_indices`); at least
+    ``temporal_patch_size`` (a shorter video repeats its last frame)."""
+    total_frames = int(total_frames)
+    tp = cfg.temporal_patch_size
+    if total_frames <= 0:
+        raise ValueError(f"total_frames must be positive, got {total_frames}")
+    if cfg.fps is None:
+        return total_frames
+    if total_frames < tp:
+        return tp
+    if not video_fps or video_fps <= 0:
+        raise ValueError(f"video_fps must be positive for fps-based sampling, got {video_fps}")
+    max_frames = math.floor(min(cfg.max_frames, total_frames) / tp) * tp
+    num = total_frames / video_fps * cfg.fps
+    num = min(max(num, cfg.min_frames), max_frames, total_frames)
+    return max(tp, math.floor(num / tp) * tp)
+
+
+def sample_frame_indices(total_frames: int, video_fps: float, cfg: VisionPreprocessConfig,
+                         num_frames: int | None = None) -> np.ndarray:
     """Indices of the frames to keep, following HF ``Qwen2VLVideoProcessor.sample_frames`` (fps mode).
 
     With ``tp = cfg.temporal_patch_size``::
@@ -252,26 +370,74 @@ def sample_frame_indices(total_frames: int, video_fps: float, cfg: VisionPreproc
       to ``tp`` indices (e.g. a 1-frame video gives ``[0, 0]``). Likewise n is never below ``tp``.
 
     ``cfg.fps is None`` keeps every frame (HF ``do_sample_frames=False``); :func:`patchify` then
-    pads the frame count to a multiple of ``tp`` by repeating the last frame.
+    pads the frame count to a multiple of ``tp`` by repeating the last frame. ``num_frames`` replaces
+    the rule's count (a visual-token budget may ask for fewer frames), spread the same way.
     """
     total_frames = int(total_frames)
     tp = cfg.temporal_patch_size
-    if total_frames <= 0:
-        raise ValueError(f"total_frames must be positive, got {total_frames}")
-    if cfg.fps is None:
+    num = num_sampled_frames(total_frames, video_fps, cfg) if num_frames is None else int(num_frames)
+    if cfg.fps is None and num == total_frames:
         return np.arange(total_frames, dtype=np.int64)
     if total_frames < tp:
         indices = np.arange(total_frames, dtype=np.int64)
         return np.concatenate([indices, np.full(tp - total_frames, total_frames - 1, dtype=np.int64)])
-    if not video_fps or video_fps <= 0:
-        raise ValueError(f"video_fps must be positive for fps-based sampling, got {video_fps}")
-    max_frames = math.floor(min(cfg.max_frames, total_frames) / tp) * tp
-    num = total_frames / video_fps * cfg.fps
-    num = min(max(num, cfg.min_frames), max_frames, total_frames)
-    num = max(tp, math.floor(num / tp) * tp)
     step = total_frames / num
     values_f32 = (np.arange(num, dtype=np.float64) * step).astype(np.float32)
     return np.minimum(values_f32.astype(np.int64), total_frames - 1)
+
+
+def sample_frame_times(times_s: np.ndarray, duration_s: float, num_frames: int) -> np.ndarray:
+    """Variable-frame-rate video: indices of the frames on screen at ``num_frames`` evenly spaced
+    instants ``k * duration_s / num_frames`` (the frame whose presentation time is the latest at or
+    before each instant) — HF's index rule carried over to presentation time. ``times_s``: sorted
+    presentation times from the first frame (0.0). A frame shown longer than the spacing repeats."""
+    instants = np.arange(int(num_frames), dtype=np.float64) * (float(duration_s) / int(num_frames))
+    idx = np.searchsorted(np.asarray(times_s, np.float64), instants + 1e-9, side="right") - 1
+    return np.clip(idx, 0, len(times_s) - 1).astype(np.int64)
+
+
+def frame_size(height: int, width: int, num_frames: int, cfg: VisionPreprocessConfig,
+               kind: str = "video") -> tuple[int, int]:
+    """smart_resize target of every frame: cfg's pixel bounds; a video's frames capped at an even share
+    of ``cfg.video_pixel_budget`` floored at 1.05 x min_pixels (HF ``cap_pixels_per_frame`` /
+    qwen-vl-utils); an image shrunk to ``cfg.max_visual_tokens`` (one temporal group)."""
+    min_pixels, max_pixels, f = cfg.min_pixels, cfg.max_pixels, cfg.factor
+    budget = cfg.video_pixel_budget
+    if kind == "video" and budget is not None:
+        max_pixels = max(min(max_pixels, budget * cfg.temporal_patch_size // max(num_frames, 1)),
+                         int(min_pixels * 1.05))
+    elif kind == "image" and cfg.max_visual_tokens is not None:
+        max_pixels = min(max_pixels, cfg.max_visual_tokens * f * f)
+        min_pixels = min(min_pixels, max_pixels)
+    return smart_resize(height, width, factor=f, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def visual_tokens(num_frames: int, size_hw: tuple[int, int], cfg: VisionPreprocessConfig) -> int:
+    """LLM placeholder tokens of ``num_frames`` frames of ``size_hw`` pixels (frames padded to whole
+    temporal groups)."""
+    groups = -(-int(num_frames) // cfg.temporal_patch_size)
+    return groups * (size_hw[0] // cfg.patch_size) * (size_hw[1] // cfg.patch_size) // cfg.merge_size**2
+
+
+def fit_video_budget(num_frames: int, height: int, width: int,
+                     cfg: VisionPreprocessConfig) -> tuple[int, tuple[int, int]]:
+    """(frames, frame size) for ``num_frames`` sampled frames of height x width within
+    ``cfg.max_visual_tokens``: frames shrink first (:func:`frame_size`); where the pixel floor still
+    overflows the budget, whole temporal groups of frames are dropped (the rest spread over the video
+    as before); a single group still too large shrinks below the floor."""
+    size = frame_size(height, width, num_frames, cfg)
+    budget, tp = cfg.max_visual_tokens, cfg.temporal_patch_size
+    if budget is None:
+        return num_frames, size
+    n = num_frames
+    while n > tp and visual_tokens(n, size, cfg) > budget:
+        per_group = visual_tokens(tp, size, cfg)
+        n = max(tp, min(n - tp, budget // per_group * tp))
+        size = frame_size(height, width, n, cfg)
+    if visual_tokens(n, size, cfg) > budget:
+        f = cfg.factor
+        size = smart_resize(height, width, factor=f, min_pixels=f * f, max_pixels=budget * f * f)
+    return n, size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,10 +450,14 @@ class DecodedVideo:
     """Sampled RGB frames of a video plus the timing metadata Qwen2.5-VL needs.
 
     ``frames``: uint8 [T, H, W, 3] for ``frame_indices`` (T == len(frame_indices), may repeat for
-    videos shorter than temporal_patch_size). ``video_fps``: container frame rate.
-    ``duration_s = total_frames / video_fps``. ``sampled_fps = T / total_frames * video_fps`` and
-    ``second_per_grid_t = temporal_patch_size / sampled_fps`` exactly as HF's
-    ``VideoMetadata.sampled_fps`` / ``Qwen2_5_VLProcessor`` ``second_per_grid_ts``.
+    videos shorter than temporal_patch_size, or for frames shown longer than the sampling interval).
+    ``frame_times_s``: their presentation times. ``video_fps``: the container frame rate (constant
+    rate) or frames / duration (variable rate). ``duration_s``: total_frames / video_fps (constant
+    rate) or measured from presentation timestamps. ``sampled_fps = T / duration_s`` and
+    ``second_per_grid_t = temporal_patch_size / sampled_fps`` — for a constant-rate video exactly HF's
+    ``VideoMetadata.sampled_fps`` / ``Qwen2_5_VLProcessor`` ``second_per_grid_ts``. ``rule_frames``:
+    what the fps rule asked for before a visual-token budget (``cfg.max_visual_tokens``) cut it;
+    ``size_hw`` the decoded frame size and ``resized_hw`` the size every frame is resized to.
     """
 
     path: str
@@ -298,6 +468,39 @@ class DecodedVideo:
     duration_s: float
     sampled_fps: float
     second_per_grid_t: float
+    frame_times_s: np.ndarray | None = None
+    constant_rate: bool = True
+    rule_frames: int = 0
+    size_hw: tuple[int, int] = (0, 0)
+    resized_hw: tuple[int, int] = (0, 0)
+
+    def summary(self, cfg: VisionPreprocessConfig) -> str:
+        """One line: what sampling and resizing were applied."""
+        n = len(self.frame_indices)
+        rate = "constant" if self.constant_rate else "variable"
+        out = (f"{os.path.basename(self.path)}: {self.duration_s:.1f} s, {self.total_frames} frames "
+               f"({rate} frame rate, {self.video_fps:.2f} fps); sampled {n} frames at {self.sampled_fps:.2f} fps "
+               f"by {'frame index' if self.constant_rate else 'presentation time'}")
+        if self.rule_frames and n < self.rule_frames:
+            out += f" (the {cfg.fps} fps rule gave {self.rule_frames}; cut to fit {cfg.max_visual_tokens} visual tokens)"
+        out += (f"; frames {self.size_hw[1]}x{self.size_hw[0]} -> {self.resized_hw[1]}x{self.resized_hw[0]}; "
+                f"{visual_tokens(n, self.resized_hw, cfg)} visual tokens")
+        if cfg.max_visual_tokens is not None:
+            out += f" (budget {cfg.max_visual_tokens})"
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class VideoProbe:
+    """A first decode pass: frame count, presentation times (s, from the first frame), frame size."""
+
+    total_frames: int
+    video_fps: float
+    times_s: np.ndarray
+    duration_s: float
+    constant_rate: bool
+    height: int
+    width: int
 
 
 def _open_container(path: str):
@@ -333,22 +536,44 @@ def _stream_fps(stream, container, total_frames: int, path: str) -> float:
     raise _input_error(path, "cannot determine the video frame rate")
 
 
-def _count_frames(path: str) -> tuple[int, float]:
-    """Decode the whole video stream once; returns (decoded frame count, fps)."""
+def _timing(times: list, total: int, rate: float) -> tuple[np.ndarray, float, float, bool]:
+    """(times_s, video_fps, duration_s, constant_rate) from the decoded frames' presentation times
+    (None where a container has none: then frames are taken as ``rate`` apart). Intervals within 2 %
+    of their mean (or a timestamp tick) count as a constant rate, which keeps HF's index arithmetic."""
+    if total < 2 or any(t is None for t in times) or any(b < a for a, b in zip(times, times[1:])):
+        return np.arange(total, dtype=np.float64) / rate, rate, total / rate, True
+    t_s = np.asarray(times, np.float64) - float(times[0])
+    d_s = np.diff(t_s)
+    mean = float(d_s.mean())
+    if mean > 0 and np.all(np.abs(d_s - mean) <= max(0.02 * mean, 1e-3)):
+        if abs(mean * rate - 1) > 0.02:  # the container's rate contradicts its timestamps: trust the latter
+            rate = 1 / mean
+        return t_s, rate, total / rate, True
+    duration = float(t_s[-1] + (d_s[-1] if d_s[-1] > 0 else mean))
+    return t_s, total / duration, duration, False
+
+
+def _probe_video(path: str) -> VideoProbe:
+    """Decode the whole video stream once (container frame counts can be wrong): frame count,
+    presentation times, frame size."""
     container = _open_container(path)
     try:
         stream = _select_video_stream(container, path)
-        total = 0
+        times, size = [], None
         try:
-            for _ in container.decode(stream):
-                total += 1
+            for frame in container.decode(stream):
+                times.append(frame.time)
+                if size is None:
+                    size = (int(frame.height), int(frame.width))
         except Exception as exc:
-            raise _input_error(path, f"corrupt video data (decoding failed after {total} frames)", exc) from None
-        if total == 0:
+            raise _input_error(path, f"corrupt video data (decoding failed after {len(times)} frames)", exc) from None
+        if not times:
             raise _input_error(path, "video stream has zero decodable frames")
-        return total, _stream_fps(stream, container, total, path)
+        rate = _stream_fps(stream, container, len(times), path)
     finally:
         container.close()
+    t_s, video_fps, duration, constant = _timing(times, len(times), rate)
+    return VideoProbe(len(times), video_fps, t_s, duration, constant, *size)
 
 
 def _decode_selected(path: str, indices: np.ndarray) -> np.ndarray:
@@ -390,27 +615,43 @@ def _decode_selected(path: str, indices: np.ndarray) -> np.ndarray:
 def read_video(path: str | os.PathLike, cfg: VisionPreprocessConfig | None = None) -> DecodedVideo:
     """Decode a video file (mp4/webm/mkv/...) with PyAV and keep only the sampled frames.
 
-    Frames are counted by fully decoding the stream (container frame counts can be wrong), then a
-    second pass decodes up to the last sampled index and converts only sampled frames to RGB
-    (``frame.to_ndarray(format="rgb24")``, as HF's PyAV loader does). Decode errors anywhere in the
-    stream are treated as a corrupt file. Rotation metadata is ignored (as in HF).
+    A first pass decodes every frame (:func:`_probe_video`: count, presentation times, size); the
+    frame count follows the fps rule (:func:`num_sampled_frames`), cut to ``cfg.max_visual_tokens``
+    (:func:`fit_video_budget`); a constant-rate video is sampled by frame index exactly as HF
+    (:func:`sample_frame_indices`), a variable-rate one by presentation time
+    (:func:`sample_frame_times`). A second pass decodes up to the last sampled frame and converts only
+    sampled frames to RGB (``frame.to_ndarray(format="rgb24")``, as HF's PyAV loader does). Decode
+    errors anywhere in the stream are treated as a corrupt file. Rotation metadata is ignored (as in HF).
     """
     cfg = VisionPreprocessConfig.for_video() if cfg is None else cfg
     path = os.fspath(path)
     _check_regular_file(path)
-    total_frames, video_fps = _count_frames(path)
-    indices = sample_frame_indices(total_frames, video_fps, cfg)
+    probe = _probe_video(path)
+    rule = num_sampled_frames(probe.total_frames, probe.video_fps, cfg)
+    try:
+        num, resized_hw = fit_video_budget(rule, probe.height, probe.width, cfg)
+    except ValueError as exc:  # e.g. aspect ratio > 200
+        raise _input_error(path, "cannot preprocess video", exc) from None
+    if probe.constant_rate:
+        indices = sample_frame_indices(probe.total_frames, probe.video_fps, cfg, num_frames=num)
+    else:
+        indices = sample_frame_times(probe.times_s, probe.duration_s, num)
     frames_THW3 = _decode_selected(path, indices)
-    sampled_fps = len(indices) / total_frames * video_fps
+    sampled_fps = len(indices) / probe.duration_s
     return DecodedVideo(
         path=path,
         frames=frames_THW3,
         frame_indices=indices,
-        total_frames=total_frames,
-        video_fps=video_fps,
-        duration_s=total_frames / video_fps,
+        total_frames=probe.total_frames,
+        video_fps=probe.video_fps,
+        duration_s=probe.duration_s,
         sampled_fps=sampled_fps,
         second_per_grid_t=cfg.temporal_patch_size / sampled_fps,
+        frame_times_s=probe.times_s[indices],
+        constant_rate=probe.constant_rate,
+        rule_frames=rule,
+        size_hw=(probe.height, probe.width),
+        resized_hw=resized_hw,
     )
 
 
@@ -433,6 +674,7 @@ class VisualInput:
     grid_thw: tuple[int, int, int]
     second_per_grid_t: float = 1.0
     merge_size: int = 2
+    summary: str = ""  # one line: the sampling and resizing applied (files), for logs
 
     def __post_init__(self) -> None:
         if self.kind not in ("image", "video"):
@@ -494,23 +736,14 @@ def _rescale_normalize(frames_u8: np.ndarray, cfg: VisionPreprocessConfig) -> np
     return (x_f32 - mean_f32) / std_f32
 
 
-def _target_size(height: int, width: int, num_frames: int, cfg: VisionPreprocessConfig, kind: str) -> tuple[int, int]:
-    """smart_resize target, with HF's optional per-frame cap of the total video pixel budget."""
-    max_pixels = cfg.max_pixels
-    if kind == "video" and cfg.cap_pixels_per_frame:
-        total_pixels = int(cfg.max_video_tokens * cfg.factor * cfg.factor * 0.9)
-        max_pixels = max(
-            min(max_pixels, total_pixels * cfg.temporal_patch_size // num_frames), int(cfg.min_pixels * 1.05)
-        )
-    return smart_resize(height, width, factor=cfg.factor, min_pixels=cfg.min_pixels, max_pixels=max_pixels)
-
-
 def _preprocess_u8(
-    frames_THW3: np.ndarray, cfg: VisionPreprocessConfig, kind: Literal["image", "video"], second_per_grid_t: float
+    frames_THW3: np.ndarray, cfg: VisionPreprocessConfig, kind: Literal["image", "video"], second_per_grid_t: float,
+    size_hw: tuple[int, int] | None = None, summary: str = "",
 ) -> VisualInput:
-    """Resize + rescale + normalize + patchify, one temporal group at a time (bounded memory)."""
+    """Resize (to ``size_hw``, default :func:`frame_size`) + rescale + normalize + patchify, one
+    temporal group at a time (bounded memory)."""
     num_frames, height, width = frames_THW3.shape[:3]
-    res_h, res_w = _target_size(height, width, num_frames, cfg, kind)
+    res_h, res_w = size_hw or frame_size(height, width, num_frames, cfg, kind)
     tp, p = cfg.temporal_patch_size, cfg.patch_size
     grid_t = -(-num_frames // tp)
     rows_per_t = (res_h // p) * (res_w // p)
@@ -520,7 +753,7 @@ def _preprocess_u8(
         rows, _ = patchify(_rescale_normalize(group_u8, cfg), cfg)
         pixel_values[g * rows_per_t : (g + 1) * rows_per_t] = rows
     grid_thw = (grid_t, res_h // p, res_w // p)
-    return VisualInput(kind, pixel_values, grid_thw, float(second_per_grid_t), cfg.merge_size)
+    return VisualInput(kind, pixel_values, grid_thw, float(second_per_grid_t), cfg.merge_size, summary)
 
 
 def _as_rgb_frames(frames: np.ndarray, source: str) -> np.ndarray:
@@ -606,7 +839,12 @@ def preprocess_image(
     else:
         raise VisionInputError(f"unsupported image input type {type(image).__name__}")
     try:
-        return _preprocess_u8(rgb_HW3[None], cfg, "image", 1.0)
+        height, width = rgb_HW3.shape[:2]
+        size_hw = frame_size(height, width, 1, cfg, "image")
+        summary = (f"{os.path.basename(source)}: image {width}x{height} -> {size_hw[1]}x{size_hw[0]}; "
+                   f"{visual_tokens(1, size_hw, cfg)} visual tokens"
+                   + (f" (budget {cfg.max_visual_tokens})" if cfg.max_visual_tokens is not None else ""))
+        return _preprocess_u8(rgb_HW3[None], cfg, "image", 1.0, size_hw, summary)
     except ValueError as exc:  # e.g. aspect ratio > 200
         if isinstance(exc, VisionInputError):
             raise
@@ -621,7 +859,8 @@ def preprocess_video(path: str | os.PathLike, cfg: VisionPreprocessConfig | None
     cfg = VisionPreprocessConfig.for_video() if cfg is None else cfg
     video = read_video(path, cfg)
     try:
-        return _preprocess_u8(video.frames, cfg, "video", video.second_per_grid_t)
+        return _preprocess_u8(video.frames, cfg, "video", video.second_per_grid_t, video.resized_hw,
+                              video.summary(cfg))
     except ValueError as exc:
         if isinstance(exc, VisionInputError):
             raise
