@@ -21,6 +21,8 @@ from sparrow_jax.io.vision_inputs import (
     VisionTokenIds,
     VisualInput,
     build_multimodal_prompt,
+    fit_video_budget,
+    frame_size,
     patchify,
     preprocess_frames,
     preprocess_image,
@@ -28,6 +30,7 @@ from sparrow_jax.io.vision_inputs import (
     read_video,
     sample_frame_indices,
     smart_resize,
+    visual_tokens,
 )
 
 P, TP, C = 14, 2, 3
@@ -336,6 +339,160 @@ def test_short_and_fractional_fps_videos(tmp_path):
     short = read_video(write_video(tmp_path / "short.mkv", "mpeg4", num_frames=7, fps=25), VisionPreprocessConfig())
     assert short.total_frames == 7 and short.frame_indices.tolist() == [0, 1, 3, 5]
     assert short.second_per_grid_t == pytest.approx(2 / (4 / 7 * 25))
+
+
+# ----------------------------------------------------------------------------------------------
+# variable frame rate: sampling by presentation time
+# ----------------------------------------------------------------------------------------------
+
+# 10 frames 0.1 s apart, then 10 frames 1 s apart: 20 frames over 11 s (the last shown for 1 s).
+VFR_TIMES = [i * 0.1 for i in range(10)] + [1.0 + i for i in range(10)]
+
+
+def write_vfr_video(path, times=VFR_TIMES, height=64, width=96):
+    """A variable-frame-rate H.264 mp4 (PyAV, millisecond pts), frame i in solid frame_colour(i)."""
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times):
+            rgb = np.empty((height, width, 3), np.uint8)
+            rgb[...] = frame_colour(i)
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_vfr_video_is_sampled_by_presentation_time(tmp_path):
+    path = write_vfr_video(tmp_path / "vfr.mp4")
+    cfg = VisionPreprocessConfig.for_video(min_pixels=56 * 56, max_pixels=56 * 84)
+    video = read_video(path, cfg)
+    assert not video.constant_rate and video.total_frames == 20
+    assert video.duration_s == pytest.approx(11.0)  # last pts 10 s + its 1 s interval, not 20 / avg_rate
+    # 11 s at 2 fps = 22 frames, clamped to the 20 decoded frames; instants k * 11 / 20 s
+    n = len(video.frame_indices)
+    assert n == 20
+    instants = np.arange(n) * 11.0 / n
+    expected = [max(i for i, t in enumerate(VFR_TIMES) if t <= s + 1e-9) for s in instants]
+    assert video.frame_indices.tolist() == expected
+    np.testing.assert_allclose(video.frame_times_s, np.asarray(VFR_TIMES)[expected], atol=1e-3)
+    # the pixels are those frames (identified by colour)
+    palette = np.array([frame_colour(i) for i in range(20)], dtype=np.float64)
+    for frame, idx in zip(video.frames, video.frame_indices):
+        assert int(np.argmin(np.abs(palette - frame.reshape(-1, 3).mean(0)).sum(1))) == idx
+    # the temporal spacing comes from the timestamps: 2 frames per grid step, 11 s / 20 frames apart
+    assert video.sampled_fps == pytest.approx(20 / 11.0)
+    assert video.second_per_grid_t == pytest.approx(2 * 11.0 / 20)
+    vis = preprocess_video(path, cfg)
+    assert vis.second_per_grid_t == pytest.approx(2 * 11.0 / 20) and "presentation time" in vis.summary
+    # the old index rule would have spread samples evenly over frames: 10 of 20 in the first second
+    assert (np.asarray(VFR_TIMES)[sample_frame_indices(20, 20 / 11.0, cfg)] < 1.0).sum() == 10
+    assert (video.frame_times_s < 1.0).sum() == 2
+
+
+def test_vfr_temporal_positions_follow_the_timestamps(tmp_path):
+    """M-RoPE temporal positions of a VFR video step by tokens_per_second * second_per_grid_t, as
+    transformers computes them for the given fps."""
+    import _tiny
+    from sparrow_jax.models.qwen2_5_vl import rope_index
+
+    cfg = VisionPreprocessConfig.for_video(min_pixels=56 * 56, max_pixels=56 * 56)
+    vis = preprocess_video(write_vfr_video(tmp_path / "vfr.mp4"), cfg)
+    prompt = build_multimodal_prompt([[1, 2], vis, [3]], VisionTokenIds(_tiny.VSTART, _tiny.VEND, _tiny.IMAGE,
+                                                                          _tiny.VIDEO))
+    mcfg = _tiny.our_config()
+    pos, _ = rope_index(prompt.input_ids, prompt.mm_token_type_ids, [vis.grid_thw], [vis.second_per_grid_t], mcfg)
+    t_pos = pos[0][prompt.mm_token_type_ids == 2].reshape(vis.grid_thw[0], -1)[:, 0] - pos[0][3]
+    step = np.float32(mcfg.vision.tokens_per_second) * np.float32(2 * 11.0 / 20)
+    assert t_pos.tolist() == (np.arange(vis.grid_thw[0], dtype=np.float32) * step).astype(np.int64).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# visual-token budget and preprocessing from the model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_frame_size_follows_qwen_vl_utils_total_pixel_rule():
+    """qwen-vl-utils fetch_video: max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * 2),
+    int(min_pixels * 1.05)), total_pixels = 0.9 x context x 28^2 (here: cap_pixels_per_frame, as HF)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = int(rng.integers(40, 2000)), int(rng.integers(40, 2000))
+        n, ctx = int(rng.integers(1, 400)) * 2, int(rng.choice([4096, 32768, 128000]))
+        cfg = VisionPreprocessConfig.for_video(cap_pixels_per_frame=True, max_video_tokens=ctx)
+        total = int(ctx * 28 * 28 * 0.9)
+        cap = max(min(28 * 28 * 768, total * 2 // n), int(128 * 28 * 28 * 1.05))
+        assert frame_size(h, w, n, cfg) == smart_resize(h, w, 28, 128 * 28 * 28, cap)
+        # the same budget stated as visual tokens gives the same frames
+        same = VisionPreprocessConfig.for_video(max_visual_tokens=int(ctx * 0.9))
+        assert abs(same.video_pixel_budget - total) < 28 * 28
+        assert frame_size(h, w, n, same) == smart_resize(h, w, 28, 128 * 28 * 28,
+                                                         max(min(28 * 28 * 768, same.video_pixel_budget * 2 // n),
+                                                             int(128 * 28 * 28 * 1.05)))
+
+
+@pytest.mark.parametrize("budget", [50, 400, 3000, 20000, 60000])
+def test_budget_shrinks_frames_then_frame_count(budget):
+    """A 10-minute 240x136 video at 2 fps (768 frames): within the budget, frames shrink to the pixel
+    floor first, and only then are whole temporal groups dropped."""
+    cfg = VisionPreprocessConfig.for_video(max_visual_tokens=budget)
+    n, size = fit_video_budget(768, 136, 240, cfg)
+    assert visual_tokens(n, size, cfg) <= budget and n % 2 == 0 and n >= 2
+    floor = frame_size(136, 240, 768, VisionPreprocessConfig.for_video(max_visual_tokens=1))  # at the floor
+    if n < 768:  # frames were dropped only because the floor-sized frames still overflowed
+        assert visual_tokens(768, floor, cfg) > budget
+        if n > 2:
+            assert size == floor or size[0] * size[1] >= floor[0] * floor[1]
+            assert visual_tokens(n + 2, frame_size(136, 240, n + 2, cfg), cfg) > budget  # as many as fit
+    unbounded = VisionPreprocessConfig.for_video()
+    assert visual_tokens(768, frame_size(136, 240, 768, unbounded), unbounded) == 55296  # the issue's figure
+
+
+def test_budget_cuts_a_real_video_evenly(tmp_path):
+    path = write_video(tmp_path / "long.mp4", "libx264", num_frames=60, fps=10, height=56, width=84)
+    free = read_video(path, VisionPreprocessConfig.for_video(min_pixels=56 * 84))
+    assert len(free.frame_indices) == 12 and visual_tokens(12, free.resized_hw, VisionPreprocessConfig()) == 36
+    cfg = VisionPreprocessConfig.for_video(min_pixels=56 * 84, max_visual_tokens=13)
+    cut = read_video(path, cfg)
+    # 6 groups of 6 tokens at the pixel floor: cut to 2 groups (12 tokens <= 13)
+    assert len(cut.frame_indices) == 4 and cut.rule_frames == 12 and cut.resized_hw == free.resized_hw
+    assert cut.frame_indices.tolist() == [0, 15, 30, 45]  # still spread over the whole video
+    assert cut.second_per_grid_t == pytest.approx(2 * 6.0 / 4)
+    vis = preprocess_video(path, cfg)
+    assert vis.num_tokens <= 13 and "cut to fit 13 visual tokens" in vis.summary
+    image = preprocess_image(np.zeros((560, 840, 3), np.uint8), VisionPreprocessConfig(max_visual_tokens=100))
+    assert image.num_tokens <= 100
+
+
+def test_preprocessing_from_the_model_config_and_json(tmp_path):
+    import types
+
+    vision = types.SimpleNamespace(patch_size=8, temporal_patch_size=1, spatial_merge_size=1)
+    cfg = VisionPreprocessConfig.for_model(vision, video=True)
+    assert (cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size, cfg.factor) == (8, 1, 1, 8)
+    assert (cfg.min_pixels, cfg.fps) == (128 * 28 * 28, 2.0)
+    js = tmp_path / "video_preprocessor_config.json"
+    js.write_text(json.dumps({"video_processor_type": "Qwen2VLVideoProcessor", "fps": 1.0, "max_frames": 16,
+                              "size": {"shortest_edge": 4096, "longest_edge": 8192}, "patch_size": 8}))
+    cfg = VisionPreprocessConfig.for_model(vision, video=True, preprocessor_json=js, fps=4.0)
+    assert (cfg.fps, cfg.max_frames, cfg.min_pixels, cfg.max_pixels, cfg.patch_size) == (4.0, 16, 4096, 8192, 8)
+    cfg = VisionPreprocessConfig.for_model(vision, video=True, preprocessor_json=js, max_pixels=1000)
+    assert (cfg.min_pixels, cfg.max_pixels) == (1000, 1000)  # a cap under the floor lowers the floor
+    js.write_text(json.dumps({"patch_size": 14, "merge_size": 1}))
+    with pytest.raises(ValueError, match="video_preprocessor_config.json: patch_size 14 does not match"):
+        VisionPreprocessConfig.for_model(vision, video=True, preprocessor_json=js)
+    js.write_text("{ not json")
+    with pytest.raises(ValueError, match="video_preprocessor_config.json: cannot read"):
+        VisionPreprocessConfig.for_model(vision, video=True, preprocessor_json=js)
+    js.write_text(json.dumps({"min_pixels": 9000, "max_pixels": 10}))
+    with pytest.raises(ValueError, match="video_preprocessor_config.json: min_pixels"):
+        VisionPreprocessConfig.for_model(vision, video=True, preprocessor_json=js)
 
 
 # ----------------------------------------------------------------------------------------------

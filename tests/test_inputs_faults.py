@@ -1,0 +1,205 @@
+"""Real-world inputs and faults (issue 13): decode.py refuses bad arguments and files before any model is
+loaded, each with one line naming the argument or file; preprocessing follows the target checkpoint
+(transformers-written, non-default patch / merge / temporal patch); training survives damaged
+checkpoints and stops on non-finite values."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import _tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import decode  # noqa: E402
+from sparrow_jax.models import registry  # noqa: E402
+from sparrow_jax.synthetic.video import random_scene, render_frames, write_video  # noqa: E402
+
+
+def error_of(argv, capsys):
+    """Run decode.py expecting a refusal: (exit code, the single stderr line)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        decode.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("decode.py: error: "), err
+    return e.value.code, err[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    cfg = d / "tiny_config.json"
+    cfg.write_text(json.dumps(_tiny.BASE_HF_CONFIG))
+    frames = render_frames(random_scene(np.random.default_rng(0)), num_frames=8, fps=4, height=56, width=56)
+    return d, cfg, write_video(d / "clip.mp4", frames, fps=4)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Any model construction or loading fails the test: refusals must come first."""
+    def boom(*a, **k):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(registry, "load_target", boom)
+    monkeypatch.setattr(registry, "build_target", boom)
+
+
+# (arguments, text the one-line message must contain); exit code 2: usage errors.
+USAGE_ERRORS = [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be positive"),
+    (["--max-new-tokens", "-3", "--mode", "ar"], "--max-new-tokens -3"),
+    (["--tree", "chainx"], "TOTAL-DEPTH-TOPK"),
+    (["--tree", "48-5"], "--tree 48-5"),
+    (["--tree", "10-5-1"], "--tree 10-5-1"),
+    (["--tree", "48-5-5000"], "top-k 5000 exceeds the target's vocabulary of 300"),
+    (["--mode", "pruned_visual", "--keep-fraction", "0"], "--keep-fraction 0.0: must be in (0, 1]"),
+    (["--mode", "pruned_visual", "--keep-fraction", "1.5"], "--keep-fraction 1.5"),
+    (["--keep-fraction", "0.5"], "applies to --mode pruned_visual only"),
+    (["--top-k", "5000", "--temperature", "1"], "--top-k 5000: exceeds the target's vocabulary"),
+    (["--top-p", "0"], "--top-p 0.0"),
+    (["--temperature", "-1"], "--temperature -1.0"),
+    (["--fps", "0"], "--fps 0.0: must be positive"),
+    (["--max-visual-tokens", "0"], "--max-visual-tokens 0"),
+    (["--min-pixels", "5000", "--max-pixels", "100"], "--min-pixels 5000 is above --max-pixels 100"),
+    (["--m-star", "0"], "--m-star 0"),
+    (["--m-star", "3"], "--m-star 3: must be inside the target's decoder stack (1..2)"),
+    (["--repeats", "0", "--compare-ar"], "--repeats 0"),
+    (["--jsonl", "/missing_dir/out.jsonl"], "--jsonl /missing_dir/out.jsonl: directory /missing_dir does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,expect", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_are_refused_before_any_model(files, capsys, no_model, argv, expect):
+    d, cfg, video = files
+    code, msg = error_of(["--config", str(cfg), "--video", str(video), *argv], capsys)
+    assert code == 2 and expect in msg, msg
+
+
+def test_jsonl_into_a_directory_or_readonly_file_is_refused(files, capsys, no_model, tmp_path):
+    d, cfg, video = files
+    code, msg = error_of(["--config", str(cfg), "--jsonl", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in msg
+    ro = tmp_path / "ro.jsonl"
+    ro.write_text("")
+    ro.chmod(0o444)
+    import os
+
+    if os.access(ro, os.W_OK):  # root ignores permissions
+        pytest.skip("running as root: read-only files are writable")
+    code, msg = error_of(["--config", str(cfg), "--jsonl", str(ro)], capsys)
+    assert code == 2 and "not writable" in msg
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "corrupt"])
+def test_bad_input_files_are_refused_before_any_model(files, capsys, no_model, tmp_path, kind):
+    d, cfg, video = files
+    path = tmp_path / f"{kind}.mp4"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "corrupt":
+        data = Path(video).read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    code, msg = error_of(["--config", str(cfg), "--video", str(video), "--video", str(path)], capsys)
+    assert code == 1 and f"{kind}.mp4" in msg, msg
+
+
+def test_bad_target_config_is_one_line(files, capsys, no_model, tmp_path):
+    d, cfg, video = files
+    bad = json.loads(cfg.read_text())
+    del bad["vision_config"]["depth"]
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    code, msg = error_of(["--config", str(p), "--video", str(video)], capsys)
+    assert code == 1 and "bad.json" in msg and "depth" in msg
+
+
+def test_engine_refusals_reach_the_user_as_one_line(files, capsys, monkeypatch):
+    """Whatever engine.prepare refuses (its messages are clear) ends as one line, exit 1, no traceback."""
+    from sparrow_jax.decoding import engine as E
+
+    def refuse(*a, **k):
+        raise ValueError("tree 10-3-3: something the engine refuses\nover two lines")
+
+    monkeypatch.setattr(E, "prepare", refuse)
+    d, cfg, video = files
+    code, msg = error_of(["--config", str(cfg), "--video", str(video), "--max-pixels", str(56 * 56),
+                          "--max-new-tokens", "2", "--tree", "10-3-3"], capsys)
+    assert code == 1 and "something the engine refuses over two lines" in msg
+
+
+# ------------------------------------------------------------------ preprocessing from the checkpoint
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tmp_path_factory):
+    """A transformers-written Qwen2.5-VL with patch 8, temporal patch 1 and spatial merge 1 (each was a
+    crash: patch 14 / merge 2 were assumed), its preprocessor_config.json written by transformers' image
+    processor, and a video_preprocessor_config.json asking for 1 fps and 64x64-pixel frames."""
+    pytest.importorskip("torch")
+    mod = pytest.importorskip("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl")
+    d = tmp_path_factory.mktemp("odd_ckpt")
+    cfg = _tiny.hf_config_dict(vision={"patch_size": 8, "temporal_patch_size": 1, "spatial_merge_size": 1,
+                                       "window_size": 32})
+    _tiny.save_hf_checkpoint(d, cfg, seed=3)
+    mod.Qwen2VLImageProcessorPil(patch_size=8, temporal_patch_size=1, merge_size=1, min_pixels=32 * 32,
+                                 max_pixels=64 * 64).save_pretrained(d)
+    (d / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 8, "temporal_patch_size": 1, "merge_size": 1,
+        "size": {"shortest_edge": 64 * 64, "longest_edge": 64 * 64}, "fps": 1.0, "do_sample_frames": True}))
+    return d
+
+
+def test_preprocessing_follows_a_transformers_checkpoint(files, odd_checkpoint, capsys, tmp_path):
+    """decode.py on the odd checkpoint: frames of 64x64 at 1 fps by 8-pixel patches, no merge, one frame per
+    temporal step; its prefill logits equal transformers' on the same inputs."""
+    import torch
+
+    from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl
+    from sparrow_jax.io.text import load_codec
+    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch
+    from sparrow_jax.models import target as tg
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    d, _, video = files  # 8 frames at 4 fps = 2 s
+    out = tmp_path / "out.jsonl"
+    decode.main(["--target", str(odd_checkpoint), "--video", str(video), "--prompt", "What moves?", "--mode", "ar",
+                 "--max-new-tokens", "3", "--no-stream", "--jsonl", str(out)])
+    printed = capsys.readouterr().out
+    assert "56x56 -> 64x64" in printed  # the video processor's 64x64 frames
+    row = json.loads(out.read_text())
+    assert row["visual_tokens"] == 4 * 8 * 8  # 2 s at 1 fps -> min_frames 4, one frame per step, 8x8 patches
+    # the same inputs through transformers: equal logits
+    args = decode.parse_args(["--target", str(odd_checkpoint), "--video", str(video), "--prompt", "What moves?"])
+    model = load_qwen2_5_vl(odd_checkpoint)
+    _, (prompt,) = decode.build_prompts(args, model.cfg, load_codec(None, model.cfg.text.vocab_size), tmp_path)
+    (vis,) = prompt.visuals
+    assert vis.grid_thw == (4, 8, 8) and vis.pixel_values.shape[1] == 3 * 1 * 8 * 8
+    h, _, _ = tg.forward(model, prepare_prefill_batch([prompt], model.cfg))
+    ours = np.asarray(model.logits(h))[0, :len(prompt.input_ids)]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(odd_checkpoint).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(prompt.input_ids[None], dtype=torch.long),
+                 mm_token_type_ids=torch.tensor(prompt.mm_token_type_ids[None], dtype=torch.long),
+                 pixel_values_videos=torch.tensor(vis.pixel_values), video_grid_thw=torch.tensor([vis.grid_thw]),
+                 second_per_grid_ts=torch.tensor([vis.second_per_grid_t])).logits[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert row["tokens"][0] == int(np.argmax(ref[-1]))
+
+
+def test_preprocessor_json_contradicting_the_checkpoint_is_refused(files, odd_checkpoint, capsys, tmp_path):
+    import shutil
+
+    d, _, video = files
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(odd_checkpoint, ckpt)
+    js = json.loads((ckpt / "video_preprocessor_config.json").read_text())
+    (ckpt / "video_preprocessor_config.json").write_text(json.dumps({**js, "patch_size": 14}))
+    code, msg = error_of(["--target", str(ckpt), "--video", str(video), "--mode", "ar"], capsys)
+    assert code == 1 and "video_preprocessor_config.json: patch_size 14 does not match" in msg
