@@ -1,11 +1,15 @@
 """Generate answers about videos/images with a Qwen2.5-VL or LLaVA-OneVision target (JAX).
 
-With no arguments it runs the project's small default: a random-initialised target of the shipped
-tiny architecture (configs/tiny.json) on a procedurally generated video — a smoke run of the whole
-pipeline (video decode -> patches -> vision tower -> prefill -> jitted generation loop) that needs no
-download. Point --target at a HF checkpoint directory to run a real model.
+With no arguments it runs the shipped tiny video LLM (shipped/tiny-qwen2.5-vl, Qwen2.5-VL architecture,
+trained here on the procedural video world) with its shipped Sparrow draft on a held-out world video
+generated from a fixed seed (8 s; --long: 1024 s, 16k visual tokens), asks for a detailed caption,
+streams the answer, then times AR against speculative decoding (tau, tokens/s, DSR, ESR; outputs checked
+identical) and scores the caption against the scene graph (sparrow_jax/synthetic/demo.py). Without the
+shipped weights it falls back to a random-initialised configs/tiny.json (the pipeline runs, the answer
+is noise). Point --target at a HF checkpoint directory to run another model.
 
   python decode.py
+  python decode.py --long
   python decode.py --target ~/ckpt/Qwen2.5-VL-7B-Instruct --video a.mp4 --prompt "What happens?" --dtype bfloat16
   python decode.py --video a.mp4 --prompt "Describe." --video b.mp4 --prompt "Count the objects." --jsonl out.jsonl
 
@@ -50,14 +54,19 @@ def parse_args(argv=None):
     src = ap.add_argument_group("model")
     src.add_argument("--target", help="HF checkpoint directory (config.json + safetensors); the family "
                      "(qwen2_5_vl, llava_onevision) is read from config.json's model_type")
-    src.add_argument("--config", default=str(ROOT / "configs" / "tiny.json"),
-                     help="architecture for a random-initialised target when --target is not given")
+    src.add_argument("--config", default=None,
+                     help="architecture for a random-initialised target when --target is not given (default: the "
+                     "shipped target when its weights are there, else a random configs/tiny.json)")
+    src.add_argument("--tokenizer", default=None,
+                     help="directory with tokenizer.json for a random-initialised target (default: the target's own)")
     src.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="parameter/compute dtype (CPU: float32 is much faster)")
     inp = ap.add_argument_group("inputs (one row per --prompt; --video/--image attach to prompts in order)")
     inp.add_argument("--prompt", action="append", help="question text; repeat for a batch")
     inp.add_argument("--video", action="append", default=[], help="video file (mp4/webm/mkv); repeatable")
     inp.add_argument("--image", action="append", default=[], help="image file; repeatable")
+    inp.add_argument("--long", action="store_true",
+                     help="no inputs given: the long demo video (1024 s, 16k visual tokens) instead of the 8 s one")
     inp.add_argument("--fps", type=float, default=None,
                      help="Qwen2.5-VL: video sampling rate in frames per second, by presentation time (default: the "
                      "target's video_preprocessor_config.json, else 2)")
@@ -94,16 +103,19 @@ def parse_args(argv=None):
     gen.add_argument("--prune-by", choices=["uniform", "attention"], default=None,
                      help="pruned_visual: evenly spaced, or most attended by the last prompt token at layer m* "
                      "(default: the draft's trained setting, uniform for a random draft)")
-    gen.add_argument("--compare-ar", action="store_true",
-                     help="also run AR with the same cache capacity and print DSR/ESR: one warm-up run each, then the "
-                     "median of --repeats timed runs each (alternating, no streaming). Greedy outputs must be "
-                     "identical: otherwise the first mismatch is printed and decode.py exits 1; under sampling "
+    gen.add_argument("--compare-ar", action=argparse.BooleanOptionalAction, default=None,
+                     help="also run AR with the same cache capacity and print DSR/ESR (default: on when no inputs are "
+                     "given; then one streamed speculative run comes first): one warm-up run each, then the median "
+                     "of --repeats timed runs each (alternating, no streaming). Greedy outputs must be identical: "
+                     "otherwise the first mismatch is printed and decode.py exits 1; under sampling "
                      "(different draws of the same law) only the timings are printed")
-    gen.add_argument("--repeats", type=int, default=3, help="--compare-ar: timed runs per decoder (median reported)")
+    gen.add_argument("--repeats", type=int, default=None,
+                     help="--compare-ar: timed runs per decoder, median reported (default 3; 1 for --long)")
     gen.add_argument("--no-stream", action="store_true", help="do not print tokens as they are committed")
     gen.add_argument("--profile", action="store_true", help="also time one round's draft phase and verify phase "
                      "separately (the fused loop cannot report the split)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=None,
+                     help="default 32; with no inputs, room for a caption (160, --long 320)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -285,14 +297,9 @@ def build_prompts(args, cfg, codec, workdir):
     from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import (  # noqa: PLC0415
         VisionTokenIds, build_multimodal_prompt, preprocess_image, preprocess_video)
-    from sparrow_jax.synthetic.video import demo_video  # noqa: PLC0415
 
     prompts_text = args.prompt or ["What is moving in this video?"]
-    videos = list(args.video)
-    if not args.prompt and not videos and not args.image:
-        path, scene = demo_video(Path(workdir) / "demo.mp4", seed=args.seed)
-        print(f"[decode] no inputs given: generated {path.name} with {len(scene)} moving object(s)")
-        videos = [str(path)]
+    videos = list(args.video)  # no inputs at all: demo.resolve_defaults has put the world sample here
     if cfg.family == "llava_onevision":
         return build_llava_prompts(args, cfg, codec, prompts_text, videos)
     vcfg, icfg = qwen_preprocessing(args, cfg)
@@ -346,6 +353,11 @@ def main(argv=None):
         tree = check_args(args)
     except UsageError as e:
         fail(e, 2)
+    from sparrow_jax.synthetic import demo  # noqa: PLC0415
+
+    sample, notes = demo.resolve_defaults(args)  # shipped target/draft; no inputs: the world sample video
+    for note in notes:
+        print(f"[decode] {note}", flush=True)
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
@@ -381,7 +393,7 @@ def main(argv=None):
         fail(e, 2)
     try:
         check_input_files(args)
-        codec = load_codec(args.target, cfg.text.vocab_size)
+        codec = load_codec(args.target or args.tokenizer, cfg.text.vocab_size)
         with tempfile.TemporaryDirectory() as workdir:
             texts, prompts = build_prompts(args, cfg, codec, workdir)
         check_prompt_context(prompts, cfg, args.max_new_tokens)
@@ -463,6 +475,10 @@ def main(argv=None):
     runs = {}
     try:
         if args.compare_ar:
+            if sample is not None and visual_mode and not args.no_stream:  # the demo shows its answer first
+                print("[decode] speculative answer, streamed (untimed run):", flush=True)
+                run_spec(StreamPrinter(codec, B))
+                print(flush=True)
             print(f"[decode] warm-up runs (compilation), then {args.repeats} timed run(s) each ...", flush=True)
             runners = {"ar": run_ar, "spec": run_spec} if visual_mode else {"ar": run_ar}
             for run in runners.values():
@@ -510,9 +526,10 @@ def main(argv=None):
         ar, spec = runs["ar"], runs["spec"]
         diff = first_mismatch(spec["tokens"], spec["n"], ar["tokens"], ar["n"])
         record.update(ar_prefill_s=ar["prefill_s"], ar_decode_s=ar["decode_s"], outputs_identical_to_ar=diff is None)
-        timings = (f"AR prefill {ar['prefill_s']:.2f}s decode {ar['decode_s']:.2f}s ({int(ar['n'].sum())} tokens), "
-                   f"speculative prefill {spec['prefill_s']:.2f}s decode {spec['decode_s']:.2f}s "
-                   f"({int(spec['n'].sum())} tokens)")
+        timings = (f"AR prefill {ar['prefill_s']:.2f}s decode {ar['decode_s']:.2f}s ({int(ar['n'].sum())} tokens, "
+                   f"{ar['n'].sum() / ar['decode_s']:.0f} tokens/s), speculative prefill {spec['prefill_s']:.2f}s "
+                   f"decode {spec['decode_s']:.2f}s ({int(spec['n'].sum())} tokens, "
+                   f"{spec['n'].sum() / spec['decode_s']:.0f} tokens/s)")
         if diff is None:
             sp = speed_summary(ar_prefill_s=ar["prefill_s"], ar_decode_s=ar["decode_s"],
                                spec_prefill_s=spec["prefill_s"], spec_decode_s=spec["decode_s"])
@@ -536,6 +553,8 @@ def main(argv=None):
         nvis = int(batch.vis_len_B[b])
         print(f"\n[{b}] Q: {text}  ({len(prompts[b].input_ids)} prompt tokens, {nvis} visual)\n[{b}] A: {answer!r}"
               f"\n[{b}] ids: {ids}")
+        if sample is not None:  # the world knows what the video shows
+            print(f"[{b}] truth: {sample.truth()!r}\n[{b}] {sample.score(answer)}")
         if args.jsonl:  # one line per row as it is printed (checked writable before any work)
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps({**record, "row": b, "prompt": text, "tokens": ids, "text": answer,
