@@ -80,12 +80,16 @@ def main(argv=None):
     if cfg.online:
         samples = make_samples(load_target(cfg).cfg, n, seed=cfg.data_seed, **cfg.data_options)
     trainer = Trainer(cfg, samples=samples)
-    history = trainer.run(progress=not args.no_progress)
+    history = run_or_exit(trainer, args)
     if history and jax.process_index() == 0:
         print(f"[train] step {trainer.step}: " + json.dumps({k: round(v, 5) for k, v in history[-1].items()}))
     if args.export and jax.process_index() == 0:
         from sparrow_jax.io.draft_checkpoint import export_official, save_draft, target_embedding  # noqa: PLC0415
 
+        try:
+            trainer.check_finite_params("draft")
+        except ValueError as e:
+            sys.exit(f"train.py: error: {e}")
         draft = trainer.draft()
         save_draft(draft, args.export)
         fmt = "sparrow" if draft.cfg.normalize_embeddings else "eagle2"  # the one official layout it fits
@@ -102,11 +106,25 @@ def train_target(cfg, args):
     from sparrow_jax.training.target_trainer import TargetTrainer  # noqa: PLC0415
 
     trainer = TargetTrainer(cfg)
-    history = trainer.run(progress=not args.no_progress)
+    history = run_or_exit(trainer, args)
     if history and jax.process_index() == 0:
         print(f"[train] step {trainer.step}: " + json.dumps({k: round(v, 5) for k, v in history[-1].items()}))
     if args.export and jax.process_index() == 0:
-        print(f"[train] target saved to {trainer.export(args.export)} (HF checkpoint directory)")
+        try:
+            print(f"[train] target saved to {trainer.export(args.export)} (HF checkpoint directory)")
+        except ValueError as e:
+            sys.exit(f"train.py: error: {e}")
+
+
+def run_or_exit(trainer, args):
+    """trainer.run; a run that cannot resume (no checkpoint verifies) or that turned non-finite ends with
+    one line (exit 1), nothing exported."""
+    from sparrow_jax.training.checkpoint_guard import CheckpointDamagedError, NonFiniteError  # noqa: PLC0415
+
+    try:
+        return trainer.run(progress=not args.no_progress)
+    except (CheckpointDamagedError, NonFiniteError) as e:
+        sys.exit(f"train.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -203,3 +203,154 @@ def test_preprocessor_json_contradicting_the_checkpoint_is_refused(files, odd_ch
     (ckpt / "video_preprocessor_config.json").write_text(json.dumps({**js, "patch_size": 14}))
     code, msg = error_of(["--target", str(ckpt), "--video", str(video), "--mode", "ar"], capsys)
     assert code == 1 and "video_preprocessor_config.json: patch_size 14 does not match" in msg
+
+
+# ------------------------------------------------------------------------- training under faults
+
+
+def _train_cfg(d, out, **kw):
+    from sparrow_jax.training.trainer import TrainConfig
+
+    over = {"target_config": d / "target.json", "target_seed": 7, "features": d / "features", "out_dir": out,
+            "max_text": 32, "max_visual": 16, "m_star": 1, "global_batch": 4, "steps": 4, "save_every": 2,
+            "log_every": 1, "tensorboard": "false", "mtp_steps": 1, "lr": 0.003, **kw}
+    return TrainConfig.from_file_and_overrides(None, [f"{k}={v}" for k, v in over.items()])
+
+
+def _flat(params):
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+@pytest.fixture(scope="module")
+def base_run(small_target, tmp_path_factory):
+    """An uninterrupted 4-step draft run (checkpoints at steps 2 and 4, both sealed) and its final params."""
+    from sparrow_jax.synthetic.samples import synthetic_samples
+    from sparrow_jax.training.features import FeatureSpec, extract_features
+    from sparrow_jax.training.trainer import Trainer
+
+    d = tmp_path_factory.mktemp("train_faults")
+    (d / "target.json").write_text(json.dumps(_tiny.SMALL_VOCAB_CONFIG))
+    samples = synthetic_samples(small_target.cfg, 16, seed=2, text_vocab=_tiny.SMALL_TEXT_VOCAB)
+    extract_features(small_target, samples, d / "features", spec=FeatureSpec(m_star=1), shard_size=16, progress=False)
+    tr = Trainer(_train_cfg(d, d / "base"), target=small_target)
+    tr.run(progress=False)
+    return d, _flat(tr.params)
+
+
+def _damage(step_dir: Path, kind: str):
+    """Damage one step's files the ways a disk, a copy or a kill does."""
+    import os
+
+    data = max((p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+    if kind.endswith("unsealed"):
+        os.remove(step_dir / "sparrow_checksums.json")
+    if kind.startswith("truncated data"):
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif kind.startswith("emptied manifest"):
+        (step_dir / "state" / "manifest.ocdbt").write_bytes(b"")
+    elif kind.startswith("truncated metadata"):
+        m = step_dir / "meta" / "metadata"
+        m.write_text(m.read_text()[:40])
+    elif kind.startswith("flipped bit"):
+        b = bytearray(data.read_bytes())
+        b[len(b) // 2] ^= 0x10
+        data.write_bytes(bytes(b))
+    elif kind.startswith("64 inverted bytes"):
+        b = bytearray(data.read_bytes())
+        for i in range(64):
+            b[len(b) // 3 + i] ^= 0xFF
+        data.write_bytes(bytes(b))
+    return data.relative_to(step_dir)
+
+
+# (damage, what the one-line report names); "unsealed": the step's file checksums were never written
+# (a kill right after its commit), so the state fingerprint or the failing file must catch it.
+DAMAGE = [("truncated data file", "{data}: "), ("truncated data file, unsealed", "unreadable"),
+          ("emptied manifest, unsealed", "state/manifest.ocdbt: empty file"),
+          ("truncated metadata JSON", "meta/metadata: "),
+          ("truncated metadata JSON, unsealed", "meta/metadata: not valid JSON"),
+          ("flipped bit", "{data}: contents differ from the checksum"),
+          ("flipped bit, unsealed", "values differ from the checksum saved with the checkpoint"),
+          ("64 inverted bytes, unsealed", "values differ from the checksum saved with the checkpoint")]
+
+
+def _damaged_run(d, tmp_path, kind):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(d / "base", out)
+    return out, _damage(out / "checkpoints" / "4", kind)
+
+
+@pytest.mark.parametrize("kind,names", DAMAGE, ids=[k for k, _ in DAMAGE])
+def test_damaged_newest_checkpoint_is_named_and_skipped(small_target, base_run, tmp_path, kind, names):
+    """One line names the step and the damaged file (or array); the step is moved aside and the newest
+    step that verifies is restored."""
+    from sparrow_jax.training.trainer import Trainer
+
+    d, _ = base_run
+    out, data = _damaged_run(d, tmp_path, kind)
+    logs = []
+    tr = Trainer(_train_cfg(d, out), target=small_target, log=logs.append)
+    assert tr.restore_latest() and tr.step == 2
+    report = next(x for x in logs if "is damaged" in x)
+    assert report.startswith("[train] checkpoint step 4 is damaged: ") and names.format(data=data) in report, logs
+    assert "\n" not in report and logs[-1] == "[train] resuming from step 2, the newest checkpoint that verifies"
+    assert (out / "damaged_checkpoints" / "4").is_dir() and not (out / "checkpoints" / "4").exists()
+
+
+def test_resume_past_a_flipped_bit_is_bit_identical(small_target, base_run, tmp_path):
+    """A bit flipped in the newest checkpoint's data: resumed from step 2, the run ends bit-identical to
+    the uninterrupted one, with one metrics line per step (the re-run steps are not repeated)."""
+    from sparrow_jax.training.trainer import Trainer
+
+    d, final = base_run
+    out, _ = _damaged_run(d, tmp_path, "flipped bit")
+    tr = Trainer(_train_cfg(d, out), target=small_target, log=lambda *_: None)
+    tr.run(progress=False)
+    got = _flat(tr.params)
+    for k in final:
+        np.testing.assert_array_equal(got[k], final[k], err_msg=k)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], steps
+
+
+def test_no_checkpoint_verifies_refuses_with_the_recovery_command(small_target, base_run, tmp_path, capsys):
+    import shutil
+
+    import train
+
+    d, _ = base_run
+    out = tmp_path / "run"
+    shutil.copytree(d / "base", out)
+    for step in ("2", "4"):
+        _damage(out / "checkpoints" / step, "emptied manifest")
+    with pytest.raises(SystemExit) as e:
+        train.main(["--no-progress"] + [a for k, v in {"target_config": d / "target.json", "features": d / "features",
+                                                       "out_dir": out, "max_text": 32, "max_visual": 16, "m_star": 1,
+                                                       "global_batch": 4, "steps": 6, "tensorboard": "false"}.items()
+                                        for a in ("--set", f"{k}={v}")])
+    msg = str(e.value)
+    assert msg.startswith("train.py: error: no checkpoint in") and "\n" not in msg
+    assert f"mv {out.resolve() / 'checkpoints'} {out.resolve() / 'checkpoints.damaged'}" in msg
+    assert "step 4 is damaged: state/manifest.ocdbt" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_before_any_save_and_export_is_refused(small_target, base_run, tmp_path):
+    import jax
+
+    from sparrow_jax.training.checkpoint_guard import NonFiniteError
+    from sparrow_jax.training.trainer import Trainer
+
+    d, _ = base_run
+    out = tmp_path / "run"
+    tr = Trainer(_train_cfg(d, out, steps=6), target=small_target, log=lambda *_: None)
+    tr.run(steps=2, progress=False)  # a good checkpoint at step 2
+    tr.params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(np.nan), tr.params)  # a poisoned update
+    with pytest.raises(NonFiniteError, match=r"step 3: loss nan.*the last checkpoint is step 2"):
+        tr.run(progress=False, resume=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"], "nothing saved after the NaN"
+    with pytest.raises(ValueError, match="draft: .* hold NaN/Inf .* refusing to export"):
+        tr.check_finite_params("draft")

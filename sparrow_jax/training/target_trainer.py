@@ -240,6 +240,7 @@ class TargetTrainer(Trainer):
         return {k: float(v) for k, v in answer_metrics(total).items()}
 
     def export(self, out_dir) -> Path:
+        self.check_finite_params("target")
         return export_hf(self.model(), out_dir, tokenizer_dir=self.cfg.tokenizer_dir)
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 from sparrow_jax.models import views
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.target import default_m_star
+from sparrow_jax.training import checkpoint_guard as guard
 from sparrow_jax.training import sharding as shd
 from sparrow_jax.training.data import CurriculumBatches, ShardSource, SlotSpec, TrainBatch, collate, index_pipeline, \
     process_rows
@@ -317,33 +318,93 @@ class Trainer:
         return {"params": self.params, "opt": self.opt_state, "rng": jax.random.key_data(self.rng)}
 
     def save(self, force=False):
+        """Save this step (async); the state's fingerprint travels in the checkpoint's metadata, and the
+        files of the steps finalized before it are sealed with checksums (checkpoint_guard)."""
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
         mngr = self.checkpoint_manager()
+        mngr.wait_until_finished()  # orbax would wait here anyway; the previous step is final, seal it
+        self._seal_finalized()
+        state = self._state()
+        meta = {"step": self.step, "config": dataclasses.asdict(self.cfg),
+                "fingerprint": guard.state_fingerprint(state, shd.replicated(self.mesh))}
         mngr.save(self.step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(self._state()),
+            state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(self.data_iter.get_state()),
-            meta=ocp.args.JsonSave({"step": self.step, "config": dataclasses.asdict(self.cfg)})), force=force)
+            meta=ocp.args.JsonSave(meta)), force=force)
+        self._last_saved = self.step
         # Fault-injection hook for the resume tests: die while this (async) save is still being written.
         if os.environ.get("SPARROW_KILL_DURING_SAVE") == str(self.step):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def _seal_finalized(self):
+        """Write the file checksums of every finalized, unsealed step (process 0; no save in flight)."""
+        if jax.process_index() != 0:
+            return
+        mngr = self.checkpoint_manager()
+        mngr.reload()
+        for step in mngr.all_steps():
+            step_dir = Path(mngr.directory) / str(step)
+            if step_dir.is_dir():
+                guard.seal(step_dir)
+
     def restore_latest(self) -> bool:
-        """Resume from the newest *finalized* checkpoint (orbax only lists committed ones, so a save
-        interrupted mid-write is never loaded)."""
+        """Resume from the newest *finalized* checkpoint that verifies (orbax only lists committed ones,
+        so a save interrupted mid-write is never loaded): its files match their checksums, orbax reads
+        it, and the restored state matches the fingerprint saved with it. A damaged newer step is named
+        in one line and moved to `<out_dir>/damaged_checkpoints/`; if no step verifies,
+        CheckpointDamagedError says how to start over."""
         import orbax.checkpoint as ocp  # noqa: PLC0415
 
         mngr = self.checkpoint_manager()
-        step = mngr.latest_step()
-        if step is None:
+        root = Path(mngr.directory)
+        mngr.reload()
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if not steps:
             return False
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self._state())
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        damaged, out = [], None
+        for step in steps:
+            problem = guard.verify_files(root / str(step))
+            if problem is None:
+                try:
+                    out = mngr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+                        meta=ocp.args.JsonRestore()))
+                except Exception as exc:  # noqa: BLE001 — orbax/tensorstore/JSON errors: name the damaged file
+                    problem = guard.describe_failure(root / str(step), exc)
+            if problem is None:
+                saved = (out.meta or {}).get("fingerprint") if isinstance(out.meta, dict) else None
+                if saved is None:
+                    self.log(f"[train] checkpoint step {step} carries no checksum (an older version wrote it): "
+                             "restored unverified")
+                else:
+                    problem = guard.fingerprint_mismatch(out.state, saved, shd.replicated(self.mesh))
+            if problem is None:
+                break
+            self.log(f"[train] checkpoint step {step} is damaged: {problem}")
+            damaged.append(step)
+        else:
+            listing = "; ".join(str(s) for s in damaged)
+            raise guard.CheckpointDamagedError(
+                f"no checkpoint in {root} verifies (damaged steps: {listing}; see the lines above). To start over "
+                f"and keep them for inspection: mv {root} {root.parent / 'checkpoints.damaged'}")
+        if damaged:
+            if jax.process_index() == 0:
+                for s in damaged:
+                    dest = guard.move_aside(root / str(s), root.parent / "damaged_checkpoints")
+                    self.log(f"[train] moved damaged step {s} to {dest}")
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils  # noqa: PLC0415
+
+                multihost_utils.sync_global_devices("sparrow_damaged_checkpoints_moved")
+            mngr.reload()
+            self.log(f"[train] resuming from step {step}, the newest checkpoint that verifies")
         self.params, self.opt_state = out.state["params"], out.state["opt"]
         self.rng = jax.device_put(jax.random.wrap_key_data(out.state["rng"]), shd.replicated(self.mesh))
         self.data_iter.set_state(out.data)
         self.step = int(out.meta["step"])
+        self._last_saved = self.step
         return True
 
     # ------------------------------------------------------------------------------------ loop
@@ -356,17 +417,37 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         if resume and self.restore_latest():
             self.log(f"[train] resumed at step {self.step}")
+        if jax.process_index() == 0:  # steps past the resume point run again: keep one log line per step
+            guard.trim_metrics(out / "metrics.jsonl", self.step)
         end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
         writer = self._tb_writer(out) if cfg.tensorboard and jax.process_index() == 0 else None
         history = []
         bar = tqdm(total=end, initial=self.step, desc="train", disable=not progress or jax.process_index() != 0)
+        # Each step's loss and gradient norm are checked once the next batch is built (the host work
+        # still overlaps the device step), and always before a save: a non-finite step stops the run.
+        pending = None
+
+        def check(pending):
+            if pending is not None:
+                step, m = pending
+                try:
+                    guard.check_finite(step, jax.device_get({k: m[k] for k in ("loss", "grad_norm") if k in m}),
+                                       getattr(self, "_last_saved", None))
+                except guard.NonFiniteError:
+                    bar.close()
+                    self.checkpoint_manager().wait_until_finished()  # the earlier, finite saves complete
+                    self._seal_finalized()
+                    raise
+
         with jax.set_mesh(self.mesh):
             while self.step < end:
                 t0 = time.perf_counter()
                 batch = self.next_batch()
+                check(pending)
                 self.params, self.opt_state, self.rng, metrics = self._step_fn(
                     self.params, self.opt_state, self.tparams, self.rng, batch)
                 self.step += 1
+                pending = (self.step, metrics)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -380,10 +461,21 @@ class Trainer:
                             for k, v in m.items():
                                 writer.scalar(k, v, self.step)
                 if self.step % cfg.save_every == 0 or self.step == end:
+                    check(pending)
+                    pending = None
                     self.save(force=self.step == end)
+        check(pending)
         bar.close()
         self.checkpoint_manager().wait_until_finished()
+        self._seal_finalized()
         return history
+
+    def check_finite_params(self, what: str = "model"):
+        """Refuse to export non-finite weights (ValueError naming the first tensors)."""
+        bad = guard.nonfinite_tensors(self.params)
+        if bad:
+            raise ValueError(f"{what}: {len(bad)} parameter tensor(s) hold NaN/Inf (first: {bad[0]}); refusing to "
+                             f"export them")
 
     def _tb_writer(self, out: Path):
         try:
