@@ -137,6 +137,23 @@ def test_engine_refusals_reach_the_user_as_one_line(files, capsys, monkeypatch):
 # ------------------------------------------------------------------ preprocessing from the checkpoint
 
 
+def _jit_logits(model, batch):
+    """The target's logits over a prefill batch (one compiled forward)."""
+    import jax
+    from flax import nnx
+
+    from sparrow_jax.models import target as tg
+
+    graphdef, params = nnx.split(model)
+
+    def fwd(params, batch):
+        m = nnx.merge(graphdef, params)
+        h, _, _ = tg.forward(m, batch)
+        return m.logits(h)
+
+    return np.asarray(jax.jit(fwd)(params, batch))
+
+
 @pytest.fixture(scope="module")
 def odd_checkpoint(tmp_path_factory):
     """A transformers-written Qwen2.5-VL with patch 8, temporal patch 1 and spatial merge 1 (each was a
@@ -164,7 +181,6 @@ def test_preprocessing_follows_a_transformers_checkpoint(files, odd_checkpoint, 
     from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl
     from sparrow_jax.io.text import load_codec
     from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch
-    from sparrow_jax.models import target as tg
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     d, _, video = files  # 8 frames at 4 fps = 2 s
@@ -181,8 +197,7 @@ def test_preprocessing_follows_a_transformers_checkpoint(files, odd_checkpoint, 
     _, (prompt,) = decode.build_prompts(args, model.cfg, load_codec(None, model.cfg.text.vocab_size), tmp_path)
     (vis,) = prompt.visuals
     assert vis.grid_thw == (4, 8, 8) and vis.pixel_values.shape[1] == 3 * 1 * 8 * 8
-    h, _, _ = tg.forward(model, prepare_prefill_batch([prompt], model.cfg))
-    ours = np.asarray(model.logits(h))[0, :len(prompt.input_ids)]
+    ours = _jit_logits(model, prepare_prefill_batch([prompt], model.cfg))[0, :len(prompt.input_ids)]
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(odd_checkpoint).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(prompt.input_ids[None], dtype=torch.long),
@@ -354,3 +369,61 @@ def test_non_finite_loss_stops_before_any_save_and_export_is_refused(small_targe
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"], "nothing saved after the NaN"
     with pytest.raises(ValueError, match="draft: .* hold NaN/Inf .* refusing to export"):
         tr.check_finite_params("draft")
+
+
+# ----------------------------------------------------------------------------------- config errors
+
+
+def test_every_transformers_activation_we_accept_matches_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers.activations import ACT2FN
+
+    from sparrow_jax.models.layers import ACTIVATIONS
+
+    x = np.linspace(-12, 12, 2001, dtype=np.float32)
+    for name, fn in ACTIVATIONS.items():
+        ref = ACT2FN[name](torch.tensor(x)).numpy()
+        np.testing.assert_allclose(np.asarray(fn(x)), ref, atol=2e-6, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("where,key,value,expect", [
+    ("text_config", "hidden_act", "gelu_newest", "text_config.hidden_act 'gelu_newest' is not a supported activation"),
+    ("vision_config", "hidden_act", "swishy", "vision_config.hidden_act 'swishy'"),
+    ("text_config", "hidden_size", "64", "text_config.hidden_size '64' must be an integer"),
+    ("vision_config", "patch_size", 14.5, "vision_config.patch_size 14.5 must be an integer"),
+    ("text_config", "num_attention_heads", 5, "hidden_size 64, heads 5, kv heads 2 do not divide"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, capsys, no_model, where, key, value, expect):
+    d = json.loads(json.dumps(_tiny.BASE_HF_CONFIG))
+    d[where][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(registry.ConfigError) as e:
+        registry.config_from_dict(*registry.read_config_dict(tmp_path))
+    assert str(e.value).startswith(str(tmp_path / "config.json")) and expect in str(e.value), str(e.value)
+    code, msg = error_of(["--config", str(tmp_path / "config.json"), "--mode", "ar"], capsys)
+    assert code == 1 and expect in msg
+
+
+def test_gelu_new_target_builds_and_matches_transformers(tmp_path):
+    """hidden_act gelu_new (the tanh GELU transformers accepts for Qwen2): loads, logits equal transformers'."""
+    torch = pytest.importorskip("torch")
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl
+    from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch
+
+    _tiny.save_hf_checkpoint(tmp_path, _tiny.hf_config_dict(text={"hidden_act": "gelu_new"},
+                                                             vision={"hidden_act": "gelu_pytorch_tanh"}), seed=1)
+    model = registry.load_target(tmp_path)
+    assert isinstance(model, type(load_qwen2_5_vl(tmp_path))) and model.cfg.text.hidden_act == "gelu_new"
+    rng = np.random.default_rng(0)
+    p = _tiny.prompt([_tiny.random_text(rng, 5), _tiny.visual(rng, (2, 4, 4)), _tiny.random_text(rng, 4)])
+    ours = _jit_logits(model, prepare_prefill_batch([p], model.cfg))[0, :len(p.input_ids)]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
+    (vis,) = p.visuals
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(p.input_ids[None], dtype=torch.long),
+                 mm_token_type_ids=torch.tensor(p.mm_token_type_ids[None], dtype=torch.long),
+                 pixel_values_videos=torch.tensor(vis.pixel_values), video_grid_thw=torch.tensor([vis.grid_thw]),
+                 second_per_grid_ts=torch.tensor([vis.second_per_grid_t])).logits[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)

@@ -13,11 +13,34 @@ from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
 
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+# transformers' ACT2FN names (activations.py), all but the learnable ones (prelu, xielu). The gelu_new /
+# gelu_fast / gelu_accurate / *_tanh variants are the tanh approximation written in different ways.
 ACTIVATIONS = {
     "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_accurate": _gelu_tanh,
+    "gelu_10": lambda x: jnp.clip(jax.nn.gelu(x, approximate=False), -10.0, 10.0),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu6": jax.nn.relu6,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+    "hardswish": jax.nn.hard_swish,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "linear": lambda x: x,
+    "sqrtsoftplus": lambda x: jnp.sqrt(jax.nn.softplus(x)),
 }
 
 
