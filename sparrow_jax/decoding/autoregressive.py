@@ -39,10 +39,12 @@ def _is_eos(tok_B, eos_ids):
          donate_argnames=("cache",))
 def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, *, max_new_tokens: int,
                 sampling: SamplingParams, eos_ids: tuple[int, ...] = (), impl: str = "xla",
-                on_emit=None) -> GenerationResult:
+                on_emit=None, key_visible_LBS=None) -> GenerationResult:
     """Generate up to `max_new_tokens` per row after `prefill` (its cache, last logits and rope delta).
     The cache must have room for them (`cache_capacity`); it is donated. `on_emit(tokens [B, 1],
-    counts [B])` is an optional host hook for streaming (a device->host transfer per step)."""
+    counts [B])` is an optional host hook for streaming (a device->host transfer per step).
+    key_visible_LBS [layers, B, capacity]: the internalization study's visual-KV removal
+    (`target.visual_key_visibility`), applied at every step."""
     model = nnx.merge(graphdef, params)
     B = last_logits_BV.shape[0]
     one_node = jnp.ones((B, 1, 1), bool)
@@ -63,7 +65,7 @@ def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, 
 
         def forward(cache):
             pos_B1 = (cache.lengths_B + rope_delta_B)[:, None]
-            v = tg.verify_fn(model, cache, tok_B[:, None], pos_B1, one_node, impl)
+            v = tg.verify_fn(model, cache, tok_B[:, None], pos_B1, one_node, impl, key_visible_LBS)
             cache = commit(cache, v.block_kv, jnp.zeros((B, 1), jnp.int32), active.astype(jnp.int32))
             return cache, v.logits_BNV[:, 0]
 

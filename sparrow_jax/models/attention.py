@@ -35,14 +35,21 @@ KV_BLOCK = 512
 class MaskSpec:
     """What a query may see. kv_len_B: main keys j >= kv_len_B[b] are invalid. causal: main key j is
     visible to query i only if j <= i (query i and key i are the same token). block_mask_BTN: which
-    keys of the extra block each query sees (only with block_k/block_v)."""
+    keys of the extra block each query sees (only with block_k/block_v). key_visible_BS: main keys
+    with False are invisible to every query (the internalization study's visual-KV removal, see
+    `target.visual_key_visibility`; dense xla path only, never set in decoding or training)."""
 
     kv_len_B: jax.Array
     block_mask_BTN: jax.Array | None = None
     causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    key_visible_BS: jax.Array | None = None
 
 
 def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None, impl: str = "xla"):
+    if mask.key_visible_BS is not None:  # analysis option: the reference path only
+        if impl != "xla":
+            raise ValueError(f"MaskSpec.key_visible_BS is supported by impl='xla' only, not {impl!r}")
+        return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
     if impl == "pallas":
         from pallas_kernels import dispatch  # noqa: PLC0415 — optional, added by the kernels issue
 
@@ -65,6 +72,8 @@ def _main_mask(mask: MaskSpec, T: int, S: int, q_start=0, k_start=0):
     """Boolean [B, 1, 1, T, S] visibility for the main keys (positions offset by block starts)."""
     k_idx = k_start + jnp.arange(S)
     valid_BS = k_idx[None, :] < mask.kv_len_B[:, None]
+    if mask.key_visible_BS is not None:
+        valid_BS = valid_BS & mask.key_visible_BS
     m = valid_BS[:, None, :]
     if mask.causal:
         q_idx = q_start + jnp.arange(T)
@@ -121,8 +130,9 @@ def blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, q_block: int 
     the log-sum-exp; one scan over key blocks, each walking only the query blocks that can see it.
     Memory O(B*H*(T + q_block*kv_block)), never O(T*S). The loop bounds are dynamic (work follows the
     real lengths): fine inside a custom VJP, whose fwd/bwd are not themselves differentiated."""
-    if mask.block_mask_BTN is not None:
-        raise ValueError("blockwise_attention covers the main keys only (use dense_attention with block_k)")
+    if mask.block_mask_BTN is not None or mask.key_visible_BS is not None:
+        raise ValueError("blockwise_attention covers the main keys under kv_len_B / causal only (use "
+                         "dense_attention for block_k or key_visible_BS)")
     T, S = q_BTHE.shape[1], k_BSKE.shape[1]
     st = _Flash(mask.causal, min(q_block, T), min(kv_block, S))
     kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)  # keys past S do not exist (padding is hidden)

@@ -368,12 +368,15 @@ class TextModel(nnx.Module):
         ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_BTD, cos, sin, mask, caches=None, impl="xla", capture=()):
+    def __call__(self, x_BTD, cos, sin, mask, caches=None, impl="xla", capture=(), key_visible_LBS=None):
         """Returns (final-norm hidden, per-layer new (k, v), {i: hidden state i for i in capture}).
-        Hidden state 0 = input embeddings, i = output of layer i (transformers' numbering)."""
+        Hidden state 0 = input embeddings, i = output of layer i (transformers' numbering).
+        key_visible_LBS: optional per-layer main-key visibility [layers, B, S] (MaskSpec.key_visible_BS;
+        the internalization study only)."""
         captured, new_kv = ({0: x_BTD} if 0 in capture else {}), []
         for i, layer in enumerate(self.layers):
-            x_BTD, kv = layer(x_BTD, cos, sin, mask, None if caches is None else caches[i], impl)
+            m = mask if key_visible_LBS is None else dataclasses.replace(mask, key_visible_BS=key_visible_LBS[i])
+            x_BTD, kv = layer(x_BTD, cos, sin, m, None if caches is None else caches[i], impl)
             new_kv.append(kv)
             if i + 1 in capture:
                 captured[i + 1] = x_BTD

@@ -115,13 +115,13 @@ def _input_embeddings(model, batch: PrefillBatch, impl):
     return x_BTD
 
 
-def forward(model, batch: PrefillBatch, *, impl="xla", capture=()):
+def forward(model, batch: PrefillBatch, *, impl="xla", capture=(), key_visible_LBS=None):
     """Full-sequence forward (prefill math): final-norm hidden [B, T, D], new K/V per layer, and the
-    captured intermediate hidden states."""
+    captured intermediate hidden states. key_visible_LBS [layers, B, T]: see `visual_key_visibility`."""
     x_BTD = _input_embeddings(model, batch, impl)
     cos, sin = model.rope(batch.positions_3BT)
     mask = attn_lib.MaskSpec(kv_len_B=batch.lengths_B, causal=True)
-    return model.model(x_BTD, cos, sin, mask, impl=impl, capture=capture)
+    return model.model(x_BTD, cos, sin, mask, impl=impl, capture=capture, key_visible_LBS=key_visible_LBS)
 
 
 def _gather_rows(x_BTD, idx_BL):
@@ -138,6 +138,22 @@ def visual_mask(batch: PrefillBatch):
     B, T = batch.input_ids_BT.shape
     valid = jnp.arange(batch.vis_idx_BM.shape[1])[None] < batch.vis_len_B[:, None]
     return jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], batch.vis_idx_BM].max(valid)
+
+
+def visual_key_visibility(batch: PrefillBatch, from_layer, num_layers: int, size: int | None = None):
+    """Visual-KV removal from decoder layer `from_layer` on (0-based; num_layers = none removed, 0 =
+    everywhere): per-layer key visibility [num_layers, B, size] (size >= T: the cache capacity, the
+    slots past the prompt are text) for `forward` / `prefill` / `verify_fn`'s key_visible_LBS. The
+    internalization study only. Hiding the keys from every query equals hiding them from the text
+    queries alone for every text position: a visual state at a layer >= from_layer feeds only visual
+    keys of later layers, which are hidden too. `from_layer` may be traced (one compile for all)."""
+    vis_BT = visual_mask(batch)
+    B, T = vis_BT.shape
+    size = T if size is None else size
+    assert size >= T, (size, T)
+    vis_BS = jnp.pad(vis_BT, ((0, 0), (0, size - T)))
+    removed_L = jnp.arange(num_layers) >= from_layer
+    return ~(removed_L[:, None, None] & vis_BS[None])
 
 
 def last_token_attention(model, batch: PrefillBatch, x_in_BTD, k_BTKE, layer: int):
@@ -179,11 +195,12 @@ def _attention_pruned_idx(batch: PrefillBatch, score_BT, P: int):
 
 @partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl", "states"))
 def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla",
-            states: bool = False) -> PrefillOutput:
+            states: bool = False, key_visible_LBS=None) -> PrefillOutput:
     """Run the target on the whole prompt (video included). `capacity` is the cache length S, which
     must cover prompt + generated tokens + one verify block. Only what is asked for leaves the call:
     the draft's items when `batch.draft_idx_BP` is set (layer-m* states only for a view or pruning
-    rule that reads them), the all-position text / layer-m* visual states only with `states=True`."""
+    rule that reads them), the all-position text / layer-m* visual states only with `states=True`.
+    key_visible_LBS [layers, B, T]: the internalization study's visual-KV removal (`visual_key_visibility`)."""
     model = nnx.merge(graphdef, params)
     B, T = batch.input_ids_BT.shape
     assert capacity >= T, (capacity, T)
@@ -191,7 +208,7 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
     assert 0 < m_star < model.cfg.num_layers, f"m_star {m_star} must be inside the decoder stack"
     need_mid = states or (with_draft and (batch.draft_by_attention or batch.draft_visual_state == "mid"))
     capture = ((m_star,) if need_mid else ()) + ((0,) if with_draft else ())
-    h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=capture)
+    h_BTD, kvs, captured = forward(model, batch, impl=impl, capture=capture, key_visible_LBS=key_visible_LBS)
     cfg = model.cfg.text
     cache = KVCache.empty(len(kvs), B, capacity, cfg.num_key_value_heads, cfg.head_dim, h_BTD.dtype)
     zeros_B = jnp.zeros((B,), jnp.int32)
@@ -217,15 +234,18 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
                          rope_delta_B=batch.rope_delta_B, last_hidden_BD=last_BD, **draft)
 
 
-def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, impl="xla") -> VerifyOutput:
-    """Un-jitted verify, for composition inside larger jitted loops (the engine, AR generation)."""
+def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, impl="xla",
+              key_visible_LBS=None) -> VerifyOutput:
+    """Un-jitted verify, for composition inside larger jitted loops (the engine, AR generation).
+    key_visible_LBS [layers, B, S]: per-layer visibility of the cache's keys (`visual_key_visibility`)."""
     x_BND = model.embed(tokens_BN)
     if tree_mask_BNN.ndim == 2:
         tree_mask_BNN = jnp.broadcast_to(tree_mask_BNN, (tokens_BN.shape[0],) + tree_mask_BNN.shape)
     pos_3BN = jnp.broadcast_to(positions_BN[None], (3,) + positions_BN.shape)
     cos, sin = model.rope(pos_3BN)
     mask = attn_lib.MaskSpec(kv_len_B=cache.lengths_B, block_mask_BTN=tree_mask_BNN.astype(bool))
-    h_BND, kvs, _ = model.model(x_BND, cos, sin, mask, caches=list(zip(cache.k, cache.v)), impl=impl)
+    h_BND, kvs, _ = model.model(x_BND, cos, sin, mask, caches=list(zip(cache.k, cache.v)), impl=impl,
+                                key_visible_LBS=key_visible_LBS)
     return VerifyOutput(model.logits(h_BND).astype(jnp.float32), h_BND, kvs)
 
 
