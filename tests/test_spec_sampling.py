@@ -15,6 +15,8 @@ from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity
 from sparrow_jax.decoding.sampling import SamplingParams, target_probs
 from sparrow_jax.decoding.tree import TreeSpec
 from sparrow_jax.models import target as tg
+from sparrow_jax.models import views
+from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch
 
 ROWS, CALLS = 2000, 10  # 20k samples
@@ -22,10 +24,11 @@ STEPS = 3  # r0 from the prefill, then speculative rounds
 
 
 def _with_suffix(prompt, suffix):
+    """The prompt (its visuals kept) followed by generated text tokens."""
     q = _tiny.prompt([])
     q.input_ids = np.concatenate([prompt.input_ids, np.asarray(suffix, np.int32)])
-    q.mm_token_type_ids = np.zeros(len(q.input_ids), np.int32)
-    q.visuals = ()
+    q.mm_token_type_ids = np.concatenate([prompt.mm_token_type_ids, np.zeros(len(suffix), np.int32)])
+    q.visuals = tuple(prompt.visuals)
     return q
 
 
@@ -62,12 +65,12 @@ def chi2_pvalue(samples, exact):
     return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue, len(exp)
 
 
-def spec_samples(target, draft, prompt, sp, tree="10-3-3"):
+def spec_samples(target, draft, prompt, sp, tree="10-3-3", mode="text_only"):
     cfg = E.EngineConfig(tree=TreeSpec.parse(tree), max_new_tokens=STEPS, sampling=sp)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(draft)
     out, taus = [], []
-    p = E.prepare(target, draft, [prompt] * ROWS, cfg)  # identical rows: prefill once, copy the caches
+    p = E.prepare(target, draft, [prompt] * ROWS, cfg, mode=mode)  # identical rows: prefill once, copy the caches
     for c in range(CALLS):
         tcache, dcache = jax.tree.map(jnp.copy, (p.pre.cache, p.dcache))
         res = E.speculative_generate(tgraph, tparams, dgraph, dparams, tcache, dcache, p.pre.last_logits_BV,
@@ -107,3 +110,24 @@ def test_speculative_sampling_matches_target_distribution(small_target, random_d
         if name == "trained":
             # >= 10% of rounds accept drafts: thousands of multi-token acceptances among the 20k samples.
             assert tau > 1.1, f"trained draft accepted too rarely (tau {tau:.2f}) to test multi-token acceptance"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", views.MODES)
+def test_speculative_sampling_is_lossless_on_a_video_prompt_with_the_paper_tree(small_target, request, mode):
+    """A video prompt in every visual mode, with the paper's Qwen2.5-VL tree 48-5-10 (paths of up to 6
+    drafts): the joint law of the first tokens is still exactly the target's (a random draft of the
+    mode's view; the trained Sparrow draft too in its own mode)."""
+    sp = SamplingParams(temperature=1.0)
+    rng = np.random.default_rng(2)  # a prompt whose 3-token law has ~90 cells of >= 5 expected samples
+    prompt = _tiny.prompt([[8, 2], _tiny.visual(rng, (2, 4, 4)), [3, 9, 4, 1, 7, 12]], small_target.cfg)
+    exact = exact_joint(small_target, prompt, sp, STEPS)
+    drafts = [("random", SparrowDraft(DraftConfig.for_target(small_target.cfg, visual_view=views.view_for_mode(mode)),
+                                      rngs=nnx.Rngs(3)))]
+    if mode == "text_only":  # the trained Sparrow draft's own view
+        drafts.append(("trained", request.getfixturevalue("trained_draft")))
+    for name, draft in drafts:
+        samples, tau = spec_samples(small_target, draft, prompt, sp, tree="48-5-10", mode=mode)
+        p, cells = chi2_pvalue(samples, exact)
+        assert cells >= 20
+        assert p > 0.01, f"{mode}, {name} draft: speculative joint differs from the target's (p={p:.4g}, tau={tau:.2f})"
