@@ -70,9 +70,9 @@ def buckets_of(samples) -> dict[tuple, list[int]]:
 
 def text_budget(max_text: int, per_visual: float, n_visual: int) -> int:
     """Text positions a bucket pads to: `max_text` plus `per_visual` per visual token (answers about
-    long videos are longer), rounded up to a multiple of 8."""
-    n = max_text + int(np.ceil(per_visual * n_visual))
-    return -(-n // 8) * 8
+    long videos are longer), rounded up to a multiple of 8 when that adds anything."""
+    extra = int(np.ceil(per_visual * n_visual))
+    return max_text if extra == 0 else -(-(max_text + extra) // 8) * 8
 
 
 def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, prepare=None) -> TargetBatch:
@@ -90,8 +90,8 @@ def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, 
     for b, (q, assistant) in enumerate(seqs):
         n_text = len(q.input_ids) - next(iter(n_vis))
         if n_text > L:
-            raise ValueError(f"sample {b}: {n_text} text tokens (prompt + answer) exceed the text budget {L} "
-                             f"(max_text {max_text} + max_text_per_visual {per_visual} x visual tokens)")
+            raise ValueError(f"sample {b}: {n_text} text tokens (prompt + answer) exceed max_text {max_text}"
+                             + (f" + {per_visual} x {next(iter(n_vis))} visual tokens = {L}" if L != max_text else ""))
         pos = np.nonzero(assistant[1:])[0]
         loss_idx[b, :len(pos)], labels[b, :len(pos)] = pos, np.asarray(q.input_ids)[pos + 1]
         weight[b, :len(pos)] = 1.0
