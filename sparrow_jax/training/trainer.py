@@ -311,8 +311,7 @@ class Trainer:
         return self._ckpt
 
     def _initial_rng(self):
-        # Placed as the step returns it (replicated on the mesh), so the step compiles once, not twice.
-        return jax.device_put(jax.random.key(self.cfg.seed), shd.replicated(self.mesh))
+        return jax.random.key(self.cfg.seed)
 
     def _state(self):
         return {"params": self.params, "opt": self.opt_state, "rng": jax.random.key_data(self.rng)}
@@ -401,7 +400,7 @@ class Trainer:
             mngr.reload()
             self.log(f"[train] resuming from step {step}, the newest checkpoint that verifies")
         self.params, self.opt_state = out.state["params"], out.state["opt"]
-        self.rng = jax.device_put(jax.random.wrap_key_data(out.state["rng"]), shd.replicated(self.mesh))
+        self.rng = jax.random.wrap_key_data(out.state["rng"])
         self.data_iter.set_state(out.data)
         self.step = int(out.meta["step"])
         self._last_saved = self.step
