@@ -80,3 +80,16 @@ def trained_draft(train_draft):
     """A Sparrow draft (view none, IVSB, MTP 2) trained by the Trainer: accepted often (tests
     multi-token acceptance)."""
     return train_draft()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs_after_each_module():
+    """The suite compiles hundreds of programs in one process; dropping jax's caches after each module keeps
+    the process from accumulating them (a long full run once crashed inside the XLA compiler)."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
