@@ -129,8 +129,7 @@ def official_load(mod, fmt: str, draft_dir: Path, base_dir: Path):
     bias = con.get("bias", True)
     if fmt == "sparrow":  # SpecModel.__init__ (load_emb stays False) + from_pretrained's safetensors branch
         model = mod.Model(config, bias=bias, path=str(base_dir), total_tokens=30, depth=3, top_k=8, threshold=1.0)
-        with open(draft_dir / "model.safetensors", "rb") as fh:
-            state = safetensors.torch.load(fh.read())
+        state = safetensors.torch.load_file(str(draft_dir / "model.safetensors"))  # safetensors, not pickle
     else:  # EaModel.__init__ with use_eagle3=False (cnets1.Model, load_emb=True) + from_pretrained
         model = mod.Model(config, bias=bias, total_tokens=30, depth=3, top_k=8, threshold=1.0, path=str(base_dir),
                           load_emb=True)
