@@ -219,3 +219,39 @@ def test_sigkill_during_save_then_resume_is_bit_identical(tmp_path):
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     assert json.loads((tmp_path / "D" / "hf" / "generation_config.json").read_text())["eos_token_id"] == [19]
+
+
+def test_pixel_targets_pool_each_merged_token_from_its_frames(model_cfg):
+    """pixel_targets: merged token j's entries are block means of exactly its own 2x2 patches and 2
+    frames (checked against the frames themselves), so the probe asks each token about its region."""
+    from sparrow_jax.io.vision_inputs import VisionPreprocessConfig, patchify
+    from sparrow_jax.training.target_trainer import pixel_targets
+
+    v = model_cfg.vision
+    p, m, tp = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+    frames = np.random.default_rng(0).normal(size=(2 * tp, 2 * p * m, 3 * p * m, 3)).astype(np.float32)
+    pixels, (gt, gh, gw) = patchify(frames, VisionPreprocessConfig(patch_size=p, merge_size=m, temporal_patch_size=tp))
+    got = np.asarray(pixel_targets(jax.numpy.asarray(pixels), v, pool=p // 2))
+    assert got.shape == (gt * gh * gw // m**2, m * m * 3 * tp * 4)
+    j, (t, y, x) = 7, (1, 0, 1)  # merged token 7 of a (2, 2, 3)-unit grid: frame pair 1, unit row 0, col 1
+    region = frames[t * tp:(t + 1) * tp, y * p * m:(y + 1) * p * m, x * p * m:(x + 1) * p * m]  # [tp, pm, pm, 3]
+    blocks = region.reshape(tp, m, 2, p // 2, m, 2, p // 2, 3).mean((3, 6))  # [tp, mh, by, mw, bx, C]
+    want = blocks.transpose(1, 3, 5, 0, 2, 4).reshape(-1)  # (mh, mw, C, tp, by, bx): the rows' order
+    np.testing.assert_allclose(got[j], want, rtol=1e-5, atol=1e-6)
+
+
+def test_probe_loss_separates_collapsed_from_informative_features():
+    """probe_unexplained is near 0 for features that vary with the pixels and near 1 for one shared
+    direction plus a small wiggle, even when the wiggle encodes the pixels exactly (what the LM's
+    RMSNorm leaves of it is noise-level); gradients are finite."""
+    from sparrow_jax.training.target_trainer import probe_unexplained
+
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(512, 24)).astype(np.float32)
+    mix = rng.normal(size=(24, 64)).astype(np.float32)
+    informative = Y @ mix + 0.1 * rng.normal(size=(512, 64)).astype(np.float32)
+    collapsed = 100.0 * np.ones((512, 64), np.float32) + 0.01 * (Y @ mix)
+    assert float(probe_unexplained(informative, Y)) < 0.05
+    assert float(probe_unexplained(collapsed, Y)) > 0.9
+    g = jax.grad(lambda f: probe_unexplained(f, Y))(jax.numpy.asarray(collapsed))
+    assert np.isfinite(np.asarray(g)).all() and float(np.abs(g).max()) > 0

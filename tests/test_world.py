@@ -186,3 +186,39 @@ def test_dataset_items_are_deterministic_and_shaped():
         assert text == (QWEN_USER_PREFIX + qa.question + QWEN_ASSISTANT_PREFIX).replace("<|im_end|>", "")
     with pytest.raises(IndexError):
         ds[6]
+
+
+def test_follow_up_questions_are_context_and_answers_are_targets():
+    """qa_per_sample > 1: one video, several chat turns; the loss mask covers exactly the answers (each
+    ending with <|im_end|>), the follow-up user turns are context, and the first turn is the k=1 item."""
+    from sparrow_jax.io.text import ByteCodec
+    from sparrow_jax.io.vision_inputs import VisionTokenIds
+    from sparrow_jax.training.data import sample_sequence
+
+    class Codec(ByteCodec):  # bytes + one id per chat special
+        SPECIAL = {"<|im_end|>": 300, "<|im_start|>": 305}
+
+        def encode(self, text):
+            out, i = [], 0
+            while i < len(text):
+                tok = next((s for s in self.SPECIAL if text.startswith(s, i)), None)
+                out += [self.SPECIAL[tok]] if tok else super().encode(text[i])
+                i += len(tok) if tok else 1
+            return out
+
+    ids, codec = VisionTokenIds(301, 302, 303, 304), Codec(400)
+    one = W.WorldDataset(codec, ids, 4, durations=(4,), seed=5, roundtrip=False)
+    many = W.WorldDataset(codec, ids, 4, durations=(4,), seed=5, roundtrip=False, qa_per_sample=4)
+    for i in range(4):
+        scene, qas = many.specs(i)
+        assert len(qas) == 4 and len({q.question for q in qas}) == 4 and qas[0] == one.spec(i)[1]
+        item = many[i]
+        np.testing.assert_array_equal(item.prompt.input_ids, one[i].prompt.input_ids)
+        seq, assistant = sample_sequence(item)
+        targets = np.asarray(seq.input_ids)[assistant]
+        answers = [codec.encode(q.answer) + [300] for q in qas]
+        assert targets.tolist() == [t for a in answers for t in a]
+        context = [t for t, m in zip(item.response, item.response_mask) if not m]
+        assert codec.decode([t for t in context if t < 256]).count("user") == 3
+    with pytest.raises(ValueError, match="qa_per_sample"):
+        W.WorldDataset(codec, ids, 4, qa_per_sample=0)

@@ -106,19 +106,22 @@ def check_context(batch: PrefillBatch, text_cfg, max_new_tokens: int) -> None:
             f"over the target's context of {limit} positions (max_position_embeddings)")
 
 
-def _input_embeddings(model, batch: PrefillBatch, impl):
+def _input_embeddings(model, batch: PrefillBatch, impl, visual_feats=None):
     x_BTD = model.embed(batch.input_ids_BT)
     if batch.pixels_PC is not None:
         B, T, D = x_BTD.shape
-        feats = model.encode_visuals(batch.pixels_PC, batch.vision_layout, impl).astype(x_BTD.dtype)
+        if visual_feats is None:
+            visual_feats = model.encode_visuals(batch.pixels_PC, batch.vision_layout, impl)
+        feats = visual_feats.astype(x_BTD.dtype)
         x_BTD = x_BTD.reshape(B * T, D).at[batch.visual_dest].set(feats).reshape(B, T, D)
     return x_BTD
 
 
-def forward(model, batch: PrefillBatch, *, impl="xla", capture=(), key_visible_LBS=None):
+def forward(model, batch: PrefillBatch, *, impl="xla", capture=(), key_visible_LBS=None, visual_feats=None):
     """Full-sequence forward (prefill math): final-norm hidden [B, T, D], new K/V per layer, and the
-    captured intermediate hidden states. key_visible_LBS [layers, B, T]: see `visual_key_visibility`."""
-    x_BTD = _input_embeddings(model, batch, impl)
+    captured intermediate hidden states. key_visible_LBS [layers, B, T]: see `visual_key_visibility`.
+    visual_feats: the visuals' encodings when the caller already has them (target training)."""
+    x_BTD = _input_embeddings(model, batch, impl, visual_feats)
     cos, sin = model.rope(batch.positions_3BT)
     mask = attn_lib.MaskSpec(kv_len_B=batch.lengths_B, causal=True)
     return model.model(x_BTD, cos, sin, mask, impl=impl, capture=capture, key_visible_LBS=key_visible_LBS)

@@ -668,38 +668,63 @@ def chat_prompt(codec, visual: VisualInput | None, question: str, ids: VisionTok
 
 
 def scene_sample(scene: Scene, qa: QA, codec, ids: VisionTokenIds, cfg: WorldConfig = WorldConfig(), *,
-                 frames=None, roundtrip: bool = True) -> Sample:
-    """A training Sample: chat prompt with the scene's video, response = answer tokens + <|im_end|>."""
+                 frames=None, roundtrip: bool = True, follow_ups: tuple[QA, ...] = ()) -> Sample:
+    """A training Sample: chat prompt with the scene's video, response = answer tokens + <|im_end|>.
+    `follow_ups` continue the chat about the same video (one more user turn and answer each, as the
+    shipped chat template renders them); their question tokens are context, not loss targets."""
     im_end = codec.encode("<|im_end|>")
     if len(im_end) != 1:
         raise ValueError(f"codec {getattr(codec, 'name', codec)} does not encode <|im_end|> as one token: {im_end}")
     visual = visual_from_frames(render(scene, cfg) if frames is None else frames, cfg, roundtrip=roundtrip)
-    return Sample(chat_prompt(codec, visual, qa.question, ids), tuple(codec.encode(qa.answer) + im_end))
+    response = codec.encode(qa.answer) + im_end
+    mask = [True] * len(response)
+    for f in follow_ups:
+        turn = codec.encode("\n<|im_start|>user\n" + f.question + QWEN_ASSISTANT_PREFIX)
+        answer = codec.encode(f.answer) + im_end
+        response += turn + answer
+        mask += [False] * len(turn) + [True] * len(answer)
+    return Sample(chat_prompt(codec, visual, qa.question, ids), tuple(response),
+                  None if not follow_ups else tuple(mask))
 
 
 class WorldDataset(Sequence):
     """n training Samples, each rendered when indexed (deterministic in (seed, i); nothing is held in
-    memory: an 8-second clip's pixel values alone are 2.4 MB). Item i asks one question about scene
+    memory: an 8-second clip's pixel values alone are 2.4 MB). Item i asks about scene
     `split_seeds(split, n, offset)[i]` with a duration drawn from `durations`: a caption request with
-    probability `caption_share`, else one of its QA pairs. `grid(i)` gives the visual grid without
-    rendering (for bucketing by shape)."""
+    probability `caption_share`, else one of its QA pairs; `qa_per_sample` > 1 adds that many - 1
+    further questions (distinct, not captions) as follow-up turns about the same video — many answers
+    that depend on the video per rendered clip. `grid(i)` gives the visual grid without rendering (for
+    bucketing by shape)."""
 
     def __init__(self, codec, ids: VisionTokenIds, n: int, *, split: str = "train", offset: int = 0, seed: int = 0,
-                 durations=(LENGTHS["short"],), caption_share: float = 0.5, cfg: WorldConfig = WorldConfig(),
-                 roundtrip: bool = True):
+                 durations=(LENGTHS["short"],), caption_share: float = 0.5, qa_per_sample: int = 1,
+                 cfg: WorldConfig = WorldConfig(), roundtrip: bool = True):
+        if qa_per_sample < 1:
+            raise ValueError(f"qa_per_sample must be at least 1, got {qa_per_sample}")
         self.codec, self.ids, self.cfg, self.roundtrip = codec, ids, cfg, roundtrip
         self.seeds, self.seed = split_seeds(split, n, offset), seed
         self.durations, self.caption_share = tuple(int(d) for d in durations), caption_share
+        self.qa_per_sample = int(qa_per_sample)
 
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def spec(self, i: int) -> tuple[Scene, QA]:
-        """The scene and question of item i (cheap: no rendering)."""
+    def specs(self, i: int) -> tuple[Scene, list[QA]]:
+        """The scene and questions of item i (cheap: no rendering)."""
         rng = np.random.default_rng([self.seed, i])
         scene = make_scene(self.seeds[i], self.durations[rng.integers(len(self.durations))], self.cfg)
         qas = scene_qa(scene, int(rng.integers(1 << 16)))
-        return scene, (qas[0] if rng.random() < self.caption_share else qas[1 + rng.integers(len(qas) - 1)])
+        first = qas[0] if rng.random() < self.caption_share else qas[1 + rng.integers(len(qas) - 1)]
+        if self.qa_per_sample == 1:
+            return scene, [first]
+        rest = [q for q in qas[1:] if q is not first]
+        picks = rng.permutation(len(rest))[:self.qa_per_sample - 1]
+        return scene, [first] + [rest[j] for j in picks]
+
+    def spec(self, i: int) -> tuple[Scene, QA]:
+        """The scene and (first) question of item i."""
+        scene, qas = self.specs(i)
+        return scene, qas[0]
 
     def grid(self, i: int) -> tuple[int, int, int]:
         rng = np.random.default_rng([self.seed, i])
@@ -709,8 +734,9 @@ class WorldDataset(Sequence):
     def __getitem__(self, i: int) -> Sample:
         if not -len(self) <= i < len(self):
             raise IndexError(f"WorldDataset index {i} out of range ({len(self)} items)")
-        scene, qa = self.spec(i % len(self))
-        return scene_sample(scene, qa, self.codec, self.ids, self.cfg, roundtrip=self.roundtrip)
+        scene, qas = self.specs(i % len(self))
+        return scene_sample(scene, qas[0], self.codec, self.ids, self.cfg, roundtrip=self.roundtrip,
+                            follow_ups=tuple(qas[1:]))
 
 
 def world_source(target_cfg, n: int, *, seed: int = 0, tokenizer_dir=None, **kwargs) -> WorldDataset:

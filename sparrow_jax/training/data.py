@@ -36,6 +36,14 @@ FEATURE_FORMAT = 2  # 2: text items from t = 1 (official sequence convention), v
 class Sample:
     prompt: object  # MultimodalPrompt-like: input_ids, mm_token_type_ids, visuals
     response: tuple[int, ...]
+    # Which response tokens are the assistant's (multi-turn: follow-up user turns inside the response are
+    # context, not targets); None = all of them.
+    response_mask: tuple[bool, ...] | None = None
+
+    def __post_init__(self):
+        if self.response_mask is not None and len(self.response_mask) != len(self.response):
+            raise ValueError(f"Sample: response_mask has {len(self.response_mask)} entries for "
+                             f"{len(self.response)} response tokens")
 
 
 def sample_sequence(sample: Sample):
@@ -46,7 +54,8 @@ def sample_sequence(sample: Sample):
                   mm_token_type_ids=np.concatenate([np.asarray(p.mm_token_type_ids, np.int32),
                                                     np.zeros(len(resp), np.int32)]))
     seq = dataclasses.replace(p, **fields) if dataclasses.is_dataclass(p) else type(p)(**{**vars(p), **fields})
-    assistant = np.concatenate([np.zeros(len(p.input_ids), bool), np.ones(len(resp), bool)])
+    resp_mask = np.ones(len(resp), bool) if sample.response_mask is None else np.asarray(sample.response_mask, bool)
+    assistant = np.concatenate([np.zeros(len(p.input_ids), bool), resp_mask])
     return seq, assistant
 
 

@@ -104,9 +104,9 @@ def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, 
     return TargetBatch(inputs, *(jnp.asarray(x) for x in (loss_idx, labels, weight, first)))
 
 
-def answer_sums(model, batch: TargetBatch, impl: str = "xla") -> dict:
+def answer_sums(model, batch: TargetBatch, impl: str = "xla", visual_feats=None) -> dict:
     """Summed cross-entropy and top-1 hits over the answer tokens, and their counts."""
-    h_BTD, _, _ = tg.forward(model, batch.inputs, impl=impl)
+    h_BTD, _, _ = tg.forward(model, batch.inputs, impl=impl, visual_feats=visual_feats)
     logits_BLV = model.logits(tg._gather_rows(h_BTD, batch.loss_idx_BL)).astype(jnp.float32)
     ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch.labels_BL)
     hit_BL = (jnp.argmax(logits_BLV, -1) == batch.labels_BL).astype(jnp.float32)
@@ -119,6 +119,33 @@ def answer_metrics(s: dict) -> dict:
     """loss (mean CE per answer token), top1 (per answer token), first_top1 (first answer token)."""
     n, a = jnp.maximum(s["tokens"], 1.0), jnp.maximum(s["answers"], 1.0)
     return {"loss": s["ce"] / n, "top1": s["hits"] / n, "first_top1": s["first_hits"] / a}
+
+
+def pixel_targets(pixels_PC, vcfg, pool: int = 7):
+    """Per merged visual token: its pixels averaged over pool x pool blocks, per channel and frame
+    ([N, merge^2 * C * tp * (p/pool)^2]). Rows of pixels_PC come merge unit by merge unit (the Qwen
+    processor's patch order), each (C, tp, p, p)."""
+    p, m, tp, c = vcfg.patch_size, vcfg.spatial_merge_size, vcfg.temporal_patch_size, vcfg.in_channels
+    if p % pool:
+        raise ValueError(f"pixel_targets: pool {pool} does not divide patch size {p}")
+    x = pixels_PC.astype(jnp.float32).reshape(-1, m * m, c, tp, p // pool, pool, p // pool, pool).mean((5, 7))
+    return x.reshape(x.shape[0], -1)
+
+
+def probe_unexplained(feats_ND, targets_NK, ridge: float = 0.1):
+    """The share of the targets' variance (centred over tokens) that the best ridge-regularised linear
+    map from the RMS-normalised features leaves unexplained. The LM reads visual tokens through an
+    RMSNorm, so the features are normalised first, and the ridge is absolute on that scale: features
+    that are one shared direction plus a small per-token wiggle (what the LM can barely see) score
+    near 1 however well the wiggle encodes the pixels; features that vary substantially score near 0.
+    Differentiable in the features."""
+    F = feats_ND.astype(jnp.float32)
+    F = F * jax.lax.rsqrt(jnp.mean(F**2, -1, keepdims=True) + 1e-6)
+    Y = targets_NK - targets_NK.mean(0)
+    G = F.T @ F
+    lam = ridge * F.shape[0]  # trace(G) / D = N for unit-RMS rows
+    W = jnp.linalg.solve(G + lam * jnp.eye(G.shape[0], dtype=G.dtype), F.T @ Y)
+    return jnp.sum((Y - F @ W) ** 2) / jnp.maximum(jnp.sum(Y**2), 1e-12)
 
 
 class BucketedIndices:
@@ -191,8 +218,18 @@ class TargetTrainer(Trainer):
 
         def micro_loss(params, batch: TargetBatch):
             model = nnx.merge(graph, jax.tree.map(lambda x: x.astype(compute), params))
-            m = answer_metrics(answer_sums(model, batch, impl=cfg.attention))
-            return m["loss"], m
+            inputs = batch.inputs
+            feats = model.encode_visuals(inputs.pixels_PC, inputs.vision_layout, cfg.attention)
+            m = answer_metrics(answer_sums(model, batch, impl=cfg.attention, visual_feats=feats))
+            loss = m["loss"]
+            if cfg.vision_aux_weight:
+                # A vision tower trained from scratch through the LM alone collapses to one vector for
+                # every token (the LM uses visual positions as attention sinks); a linear probe that must
+                # recover each token's pixels from its features keeps them informative.
+                m["vision_unexplained"] = probe_unexplained(feats, pixel_targets(inputs.pixels_PC,
+                                                                                 model.cfg.vision))
+                loss = loss + cfg.vision_aux_weight * m["vision_unexplained"]
+            return loss, m
 
         def step(params, opt_state, _frozen, rng, batch_A: TargetBatch):
             """batch_A: A micro-batches stacked on a leading axis (a TargetBatch is not row-sliceable:

@@ -68,6 +68,9 @@ class TrainConfig:
     m_star: int | None = None  # bridge layer m* (target hidden state after layer m*); None = default_m_star
     max_text: int = 128
     max_text_per_visual: float = 0.0  # target task: extra text positions per visual token (long answers)
+    # target task: weight of the vision tower's linear-probe pixel loss (target_trainer.probe_unexplained),
+    # which keeps visual features informative while the LM learns to read them (0 = off)
+    vision_aux_weight: float = 0.0
     max_visual: int = 256
     ivsb: bool = True
     mtp_steps: int = 2
