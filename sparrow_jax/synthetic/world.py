@@ -39,7 +39,7 @@ from sparrow_jax.training.data import Sample
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
            "white": (245, 245, 245), "purple": (160, 60, 210), "orange": (245, 140, 20), "cyan": (40, 215, 225)}
 SHAPES = ("square", "circle", "triangle", "diamond", "cross")
-SIZES = {"small": 0.12, "large": 0.22}  # sprite side as a fraction of min(H, W)
+SIZES = {"small": 0.2, "large": 0.32}  # sprite side as a fraction of min(H, W): a small one spans about one merged visual token (28 px of 112)
 MOTIONS = ("left", "right", "up", "down", "still", "bounce")
 BACKGROUNDS = {"black": (12, 12, 12), "grey": (105, 105, 105), "navy": (18, 28, 95), "brown": (95, 58, 28)}
 LIGHTING = {"bright": 1.0, "dim": 0.45}

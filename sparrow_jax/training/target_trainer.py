@@ -148,6 +148,19 @@ def probe_unexplained(feats_ND, targets_NK, ridge: float = 0.1):
     return jnp.sum((Y - F @ W) ** 2) / jnp.maximum(jnp.sum(Y**2), 1e-12)
 
 
+def reinit_vision(model, seed: int, out_scale: float = 1.0) -> None:
+    """Replace the vision tower (and merger) by a freshly initialised one (seed), its output layer
+    scaled by `out_scale` and its bias zeroed — a restart for a tower that collapsed while the LM
+    keeps what it learned. In place."""
+    from sparrow_jax.models import registry  # noqa: PLC0415
+
+    model.visual = registry.build_target(model.cfg, rngs=nnx.Rngs(seed)).visual
+    fc2 = model.visual.merger.fc2
+    fc2.kernel.value = fc2.kernel.value * out_scale
+    if fc2.bias is not None:
+        fc2.bias.value = jnp.zeros_like(fc2.bias.value)
+
+
 class BucketedIndices:
     """Global batches of sample indices, each from one bucket (see the module doc). Iterator state =
     per-bucket grain iterator states + the draw count, JSON (exact resume, like a grain iterator)."""
@@ -195,6 +208,8 @@ class TargetTrainer(Trainer):
         self.cfg, self.log = cfg, log
         self.mesh = shd.make_mesh(cfg.mesh)
         model = load_target(cfg)
+        if cfg.reinit_vision_seed is not None:
+            reinit_vision(model, cfg.reinit_vision_seed, cfg.vision_out_scale)
         self.model_cfg = model.cfg
         self.graph, params = nnx.split(model, nnx.Param)
         self.optimizer = make_optimizer(cfg)

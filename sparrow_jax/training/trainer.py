@@ -71,6 +71,10 @@ class TrainConfig:
     # target task: weight of the vision tower's linear-probe pixel loss (target_trainer.probe_unexplained),
     # which keeps visual features informative while the LM learns to read them (0 = off)
     vision_aux_weight: float = 0.0
+    # target task: start from `target` with a freshly initialised vision tower (this seed), its output
+    # layer scaled by vision_out_scale (target_trainer.reinit_vision); None = keep the tower
+    reinit_vision_seed: int | None = None
+    vision_out_scale: float = 1.0
     max_visual: int = 256
     ivsb: bool = True
     mtp_steps: int = 2
@@ -139,6 +143,7 @@ class TrainConfig:
             else:
                 d = json.loads(text)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" etc.: notes for readers
         for o in overrides:
             if "=" not in o:
                 raise ValueError(f"override {o!r}: expected key=value")
