@@ -39,6 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--num-processes", type=int)
     ap.add_argument("--process-id", type=int)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                    help="stop at this step (checkpointed; the learning-rate schedule stays the config's)")
     return ap.parse_args(argv)
 
 
@@ -122,7 +124,7 @@ def run_or_exit(trainer, args):
     from sparrow_jax.training.checkpoint_guard import CheckpointDamagedError, NonFiniteError  # noqa: PLC0415
 
     try:
-        return trainer.run(progress=not args.no_progress)
+        return trainer.run(progress=not args.no_progress, stop_at=args.stop_at)
     except (CheckpointDamagedError, NonFiniteError) as e:
         sys.exit(f"train.py: error: {e}")
 

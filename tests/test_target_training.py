@@ -161,7 +161,8 @@ def test_export_loads_in_transformers_with_equal_logits(trained, tmp_path):
 def test_resume_from_a_checkpoint_is_bit_identical(trained):
     """Continue the trained run 6 steps (checkpoints every 2), drop the last two checkpoints (as if the
     run died after step 122), resume: parameters, optimizer, RNG, step and the bucketed data iterator
-    come back, and the final parameters equal the uninterrupted run's bit for bit. Both buckets are
+    come back, and the final parameters equal the uninterrupted run's bit for bit, also with a stop at
+    an odd step in between (`run(stop_at=...)`, train.py --stop-at). Both buckets are
     drawn after the resume point. Same trainer object: its compiled steps are reused."""
     tr = trained[0]
     start = tr.step
@@ -176,6 +177,9 @@ def test_resume_from_a_checkpoint_is_bit_identical(trained):
     for step in (start + 4, start + 6):
         mngr.delete(step)
     assert mngr.latest_step() == start + 2
+    # Stopped early (train.py --stop-at) and resumed: the schedule is the full run's, nothing changes.
+    tr.run(progress=False, stop_at=start + 3)
+    assert tr.step == start + 3
     tr.run(progress=False)
     assert tr.step == start + 6
     got = dict(nnx.to_flat_state(jax.device_get(tr.params)))

@@ -416,7 +416,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
 
-    def run(self, steps: int | None = None, *, resume: bool = True, progress: bool = True):
+    def run(self, steps: int | None = None, *, resume: bool = True, progress: bool = True,
+            stop_at: int | None = None):
+        """Train (resuming from the newest good checkpoint) until cfg.steps, or `steps` more steps, or step
+        `stop_at` — the learning-rate schedule stays the one of cfg.steps, so a run stopped early at
+        `stop_at` is exactly the first `stop_at` steps of the full run."""
         from tqdm import tqdm  # noqa: PLC0415
 
         cfg = self.cfg
@@ -427,6 +431,7 @@ class Trainer:
         if jax.process_index() == 0:  # steps past the resume point run again: keep one log line per step
             guard.trim_metrics(out / "metrics.jsonl", self.step)
         end = cfg.steps if steps is None else min(cfg.steps, self.step + steps)
+        end = end if stop_at is None else min(end, stop_at)
         writer = self._tb_writer(out) if cfg.tensorboard and jax.process_index() == 0 else None
         history = []
         bar = tqdm(total=end, initial=self.step, desc="train", disable=not progress or jax.process_index() != 0)
