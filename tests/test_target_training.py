@@ -259,3 +259,27 @@ def test_probe_loss_separates_collapsed_from_informative_features():
     assert float(probe_unexplained(collapsed, Y)) > 0.9
     g = jax.grad(lambda f: probe_unexplained(f, Y))(jax.numpy.asarray(collapsed))
     assert np.isfinite(np.asarray(g)).all() and float(np.abs(g).max()) > 0
+
+
+def test_reinit_vision_replaces_the_tower_and_keeps_the_lm(model_cfg):
+    """reinit_vision: the vision tower equals a fresh build of that seed (output layer scaled, bias 0),
+    every LM parameter is untouched."""
+    from sparrow_jax.models import registry
+    from sparrow_jax.training.target_trainer import reinit_vision
+
+    model = registry.build_target(model_cfg, rngs=nnx.Rngs(7))
+    before = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    reinit_vision(model, seed=3, out_scale=0.5)
+    fresh = registry.build_target(model_cfg, rngs=nnx.Rngs(3))
+    after = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    ref = dict(nnx.to_flat_state(nnx.state(fresh, nnx.Param)))
+    for path, v in after.items():
+        got = np.asarray(v[...])
+        if path[0] != "visual":
+            np.testing.assert_array_equal(got, np.asarray(before[path][...]), err_msg=str(path))
+        elif path[-2:] == ("fc2", "kernel"):
+            np.testing.assert_allclose(got, 0.5 * np.asarray(ref[path][...]), rtol=1e-6)
+        elif path[-2:] == ("fc2", "bias"):
+            assert not got.any()
+        else:
+            np.testing.assert_array_equal(got, np.asarray(ref[path][...]), err_msg=str(path))
