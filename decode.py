@@ -28,7 +28,9 @@ verifier guarantees it) but few drafts are accepted. --compare-ar runs AR too an
 
 Trees use EAGLE-2's / the released Sparrow code's notation TOTAL-DEPTH-TOPK (`total_token`, `depth`,
 `top_k`): TOTAL nodes verified, root included; DEPTH expansion steps after the first, so a path holds
-up to DEPTH + 1 draft tokens (48-5-10: up to 6); TOPK children per expanded node.
+up to DEPTH + 1 draft tokens (48-5-10: up to 6); TOPK children per expanded node. The default
+`--tree auto` takes the tree stored next to the draft (<draft>/tree_choice.json, measured by
+bench/tree_search.py on a backend) for the prompt's visual length, else 48-5-10 (printed with the reason).
 """
 
 from __future__ import annotations
@@ -90,10 +92,12 @@ def parse_args(argv=None):
                      help="run a draft in a mode whose visual view it was not trained for (its inputs then differ "
                      "from training; output stays lossless)")
     gen.add_argument("--draft", help="draft checkpoint directory (ours or EAGLE format); default: random draft")
-    gen.add_argument("--tree", default="48-5-10",
+    gen.add_argument("--tree", default="auto",
                      help="draft tree TOTAL-DEPTH-TOPK in EAGLE-2's notation: TOTAL nodes verified (root included), "
                      "DEPTH expansion steps after the first (a path holds up to DEPTH+1 draft tokens), TOPK children "
-                     "per node; or chainN (N draft tokens, top-1). Paper: Qwen2.5-VL 48-5-10, LLaVA-OV 30-4-8")
+                     "per node; or chainN (N draft tokens, top-1). Paper: Qwen2.5-VL 48-5-10, LLaVA-OV 30-4-8. "
+                     "auto (default): the draft directory's tree_choice.json (bench/tree_search.py) for the prompt's "
+                     "visual token count, measured on this backend; else 48-5-10")
     gen.add_argument("--m-star", type=int, default=None,
                      help="bridge layer m*: the target hidden state after decoder layer m* (HF hidden_states[m*]); "
                      "default num_layers // 2 + 1, i.e. 15 of 28 as the released Sparrow code's hidden_states[-14]")
@@ -161,12 +165,15 @@ def check_args(args):
     if args.keep_fraction is not None and not 0 < args.keep_fraction <= 1:
         raise UsageError(f"--keep-fraction {args.keep_fraction}: must be in (0, 1] (the share of visual positions "
                          "the draft keeps)")
-    try:
-        tree = TreeSpec.parse(args.tree)
-    except ValueError as e:
-        raise UsageError(f"--tree {args.tree}: {str(e).removeprefix(f'tree {args.tree!r}: ')}; the notation is "
-                         "TOTAL-DEPTH-TOPK (e.g. 48-5-10: 48 nodes with the root, 5 expansion steps, top-10) or "
-                         "chainN (N draft tokens, e.g. chain4)") from None
+    if args.tree == "auto":  # resolved once the prompts are built (tree_choice.auto_tree)
+        tree = None
+    else:
+        try:
+            tree = TreeSpec.parse(args.tree)
+        except ValueError as e:
+            raise UsageError(f"--tree {args.tree}: {str(e).removeprefix(f'tree {args.tree!r}: ')}; the notation is "
+                             "TOTAL-DEPTH-TOPK (e.g. 48-5-10: 48 nodes with the root, 5 expansion steps, top-10), "
+                             "chainN (N draft tokens, e.g. chain4) or auto") from None
     if args.jsonl:
         check_writable(args.jsonl, "--jsonl")
     return tree
@@ -195,7 +202,7 @@ def check_args_for_target(args, cfg, tree):
         raise UsageError(f"--m-star {args.m_star}: must be inside the target's decoder stack (1..{L - 1})")
     if args.top_k > V:
         raise UsageError(f"--top-k {args.top_k}: exceeds the target's vocabulary of {V} tokens")
-    if args.mode != "ar" and tree.top_k > V:
+    if args.mode != "ar" and tree is not None and tree.top_k > V:
         raise UsageError(f"--tree {args.tree}: top-k {tree.top_k} exceeds the target's vocabulary of {V} tokens")
     if cfg.family == "llava_onevision":
         for flag, value in (("--fps", args.fps), ("--max-frames", args.max_frames), ("--min-pixels", args.min_pixels),
@@ -397,6 +404,13 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as workdir:
             texts, prompts = build_prompts(args, cfg, codec, workdir)
         check_prompt_context(prompts, cfg, args.max_new_tokens)
+        if tree is None:  # --tree auto: the draft's stored choice for the longest row's visual tokens
+            from sparrow_jax.decoding import tree_choice  # noqa: PLC0415
+
+            nvis = max(tree_choice.visual_tokens(p) for p in prompts)
+            tree, note = tree_choice.auto_tree(args.draft, nvis, jax.default_backend())
+            if visual_mode is not None:
+                print(f"[decode] {note}", flush=True)
         draft, draft_source = None, None
         if visual_mode is not None or args.compare_ar:
             if args.draft:
