@@ -2,30 +2,33 @@
 # Rebuild the shipped tiny video world from scratch with the project's own code (2-core CPU machine).
 # Each step's command, step count and measured duration are in BENCHMARKS.md ("The shipped tiny world").
 #
-#   bash scripts/build_shipped.sh            # everything below, in order (about 3 hours on 2 cores)
+#   bash scripts/build_shipped.sh            # everything below, in order (about 2 hours on 2 cores)
 #
 # Stages (each resumes from its own checkpoints if interrupted; rerun the script):
 #  1. tokenizer (byte-level BPE, Qwen special tokens)                     -> shipped/tiny-qwen2.5-vl/tokenizer*
-#  2. target stage 1: LM + vision from scratch on captions and QA         -> runs/tiny_target/hf
-#  3. target stage 2: a fresh vision tower kept informative by the linear-probe loss, many questions
-#     per video, stopped at step STAGE2_STOP of its 700-step schedule    -> shipped/tiny-qwen2.5-vl
-#  4. drafts on the final target: Sparrow (text-only view, IVSB + MTP) and MSD-style (full visual view)
+#  2. the target (first version, what ships today): LM + vision tower from scratch on captions and QA,
+#     configs/train_tiny_target.json, 1000 steps                          -> shipped/tiny-qwen2.5-vl
+#     (it does not read the video; configs/train_tiny_target_reads.json is the from-scratch recipe with the
+#     vision probe loss now being trained — BENCHMARKS.md. The shipped weights were trained before the
+#     world's sprites grew to 0.2 / 0.32 of the frame, so a rebuild differs from them in its numbers.)
+#  3. drafts on the final target: Sparrow (text-only view, IVSB + MTP) and MSD-style (full visual view)
 #                                                                          -> shipped/drafts/{sparrow,msd}
-#  5. per-length tree choice for this backend                             -> shipped/drafts/sparrow/tree_choice.json
+#  4. per-length tree choice for this backend                             -> shipped/drafts/sparrow/tree_choice.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-STAGE2_STOP=${STAGE2_STOP:-@STAGE2_STOP@}
 
 python -m sparrow_jax.synthetic.tokenizer
 python train.py --config configs/train_tiny_target.json --export runs/tiny_target/hf
-python train.py --config configs/train_tiny_target_reads.json --stop-at "$STAGE2_STOP" --export runs/tiny_target_reads/hf
-cp runs/tiny_target_reads/hf/{config.json,model.safetensors,generation_config.json} shipped/tiny-qwen2.5-vl/
-cp runs/tiny_target_reads/metrics.jsonl shipped/tiny-qwen2.5-vl/training_metrics.jsonl
+cp runs/tiny_target/hf/{config.json,model.safetensors,generation_config.json} shipped/tiny-qwen2.5-vl/
+cp runs/tiny_target/metrics.jsonl shipped/tiny-qwen2.5-vl/training_metrics.jsonl
 for d in sparrow msd; do
   python train.py --config "configs/train_tiny_draft_$d.json" --export "runs/draft_$d/export"
   mkdir -p "shipped/drafts/$d" && cp "runs/draft_$d/export"/* "shipped/drafts/$d/"
   cp "runs/draft_$d/metrics.jsonl" "shipped/drafts/$d/training_metrics.jsonl"
 done
-python bench/tree_search.py
+for d in sparrow msd; do
+  python bench/tree_search.py --draft "shipped/drafts/$d" --lengths 8,32 --scenes 2 \
+      --candidates 6-2-2,8-3-2,12-4-3,16-4-4,24-5-6,48-5-10,chain3,chain5
+done
 python bench/target_reads_video.py --target shipped/tiny-qwen2.5-vl
