@@ -38,3 +38,16 @@ def write_jsonl(path, record: dict) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     with p.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl_by_key(path, key) -> dict:
+    """The records of a JSON-lines file (none if it does not exist) by `key(record)`; a later line with
+    the same key wins (a re-run replaces its earlier result). The resume store of the benches."""
+    out = {}
+    p = Path(path)
+    if p.is_file():
+        for line in p.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[key(r)] = r
+    return out

@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, write_jsonl  # noqa: E402
+from common import environment, read_jsonl_by_key, write_jsonl  # noqa: E402
 
 DEFAULT_LENGTHS, DEFAULT_SCENES = "8,32,96,256,1024", "4,4,2,2,1"
 DEFAULT_TARGET = HERE.parent / "shipped" / "tiny-qwen2.5-vl"
@@ -174,17 +174,6 @@ def weight_files(d: Path) -> list[Path]:
 
 def record_key(r: dict) -> tuple:
     return (r["length"], r["seed"], r["temperature"], r["method"], r["draft_key"], r["tree"], r["max_new_tokens"])
-
-
-def load_done(path: Path) -> dict:
-    """Per-scene records already in the work file; a later line for the same key wins (a re-run AR)."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[record_key(r)] = r
-    return done
 
 
 class Decoders:
@@ -435,7 +424,7 @@ def main(argv=None) -> list[dict]:
     work.parent.mkdir(parents=True, exist_ok=True)
     if args.fresh and work.exists():
         work.unlink()
-    done = load_done(work)
+    done = read_jsonl_by_key(work, record_key)
 
     # The plan: per length its scenes, tree and room for the caption; a unit = (length, scene, temperature).
     plan = {}

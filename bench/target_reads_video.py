@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, write_jsonl  # noqa: E402
+from common import environment, read_jsonl_by_key, write_jsonl  # noqa: E402
 
 DEFAULT_LENGTHS, DEFAULT_SCENES = "8,32,256,1024", "32,16,8,4"
 CAPTION_COLUMNS = ("colour", "shape", "motion", "count", "event", "order", "time")
@@ -84,16 +84,6 @@ def fingerprint(target: Path, settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def load_done(path: Path) -> dict:
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[(r["length"], r["seed"], r["condition"])] = r
-    return done
-
-
 def fmt(s, key):
     v = s.get(key)
     return "   -" if v is None else f"{v['mean']:4.2f}"
@@ -138,7 +128,7 @@ def main(argv=None):
     work.parent.mkdir(parents=True, exist_ok=True)
     if args.fresh and work.exists():
         work.unlink()
-    done = load_done(work)
+    done = read_jsonl_by_key(work, lambda r: (r["length"], r["seed"], r["condition"]))
     plan = {L: [(s, c) for s in W.split_seeds("test", args.scenes[L]) for c in args.conditions] for L in args.lengths}
     todo = sum((L, s, c) not in done for L, rows in plan.items() for s, c in rows)
     print(f"[reads-video] target {target} ({key}); {sum(map(len, plan.values()))} videos, {todo} to run "
