@@ -156,9 +156,9 @@ def reinit_vision(model, seed: int, out_scale: float = 1.0) -> None:
 
     model.visual = registry.build_target(model.cfg, rngs=nnx.Rngs(seed)).visual
     fc2 = model.visual.merger.fc2
-    fc2.kernel.value = fc2.kernel.value * out_scale
+    fc2.kernel.set_value(fc2.kernel.get_value() * out_scale)
     if fc2.bias is not None:
-        fc2.bias.value = jnp.zeros_like(fc2.bias.value)
+        fc2.bias.set_value(jnp.zeros_like(fc2.bias.get_value()))
 
 
 class BucketedIndices:
