@@ -107,3 +107,17 @@ SMALL_TEXT_VOCAB = 20
 
 def fp32(x):
     return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def write_cli_files(d, num_frames: int = 8):
+    """decode.py CLI fixtures in directory d: the tiny target's config.json and a 56 px mp4 clip.
+    Returns (config path, video path)."""
+    import json
+    from pathlib import Path
+
+    from sparrow_jax.synthetic.video import random_scene, render_frames, write_video
+
+    cfg = Path(d) / "tiny_config.json"
+    cfg.write_text(json.dumps(BASE_HF_CONFIG))
+    frames = render_frames(random_scene(np.random.default_rng(0)), num_frames=num_frames, fps=4, height=56, width=56)
+    return cfg, write_video(Path(d) / "clip.mp4", frames, fps=4)

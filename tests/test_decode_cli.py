@@ -16,7 +16,6 @@ sys.path.insert(0, str(ROOT))
 import decode  # noqa: E402
 from sparrow_jax.io.draft_checkpoint import save_draft  # noqa: E402
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft  # noqa: E402
-from sparrow_jax.synthetic.video import random_scene, render_frames, write_video  # noqa: E402
 
 
 def error_of(argv, capsys):
@@ -32,13 +31,7 @@ def error_of(argv, capsys):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    cfg = d / "tiny_config.json"
-    cfg.write_text(json.dumps(_tiny.BASE_HF_CONFIG))
-    import numpy as np
-
-    frames = render_frames(random_scene(np.random.default_rng(0)), num_frames=8, fps=4, height=56, width=56)
-    video = write_video(d / "clip.mp4", frames, fps=4)
-    return d, cfg, video
+    return (d, *_tiny.write_cli_files(d))
 
 
 def test_sparrow_mode_with_compare_ar_writes_jsonl(files, capsys):

@@ -92,17 +92,11 @@ def test_write_then_read_round_trips_sorted(tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_files(tmp_path_factory):
-    import numpy as np
-
     from sparrow_jax.io.draft_checkpoint import save_draft
     from sparrow_jax.models.draft import DraftConfig, SparrowDraft
-    from sparrow_jax.synthetic.video import random_scene, render_frames, write_video
 
     d = tmp_path_factory.mktemp("auto")
-    cfg = d / "tiny_config.json"
-    cfg.write_text(json.dumps(_tiny.BASE_HF_CONFIG))
-    frames = render_frames(random_scene(np.random.default_rng(0)), num_frames=4, fps=4, height=56, width=56)
-    video = write_video(d / "clip.mp4", frames, fps=4)
+    cfg, video = _tiny.write_cli_files(d, num_frames=4)
     save_draft(SparrowDraft(DraftConfig.for_target(_tiny.our_config()), rngs=nnx.Rngs(3)), d / "draft")
     return d, cfg, video
 
