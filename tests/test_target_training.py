@@ -283,3 +283,21 @@ def test_reinit_vision_replaces_the_tower_and_keeps_the_lm(model_cfg):
             assert not got.any()
         else:
             np.testing.assert_array_equal(got, np.asarray(ref[path][...]), err_msg=str(path))
+
+
+def test_text_only_samples_train_with_the_probe_loss_on(tmp_path, model_cfg):
+    """A bucket without visuals (text-only chat) trains: no vision tower pass, no probe term, the
+    answer loss falls on a memorisable mapping."""
+    from sparrow_jax.io.vision_inputs import build_multimodal_prompt  # noqa: PLC0415
+    from sparrow_jax.synthetic.sources import _vision_ids  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for _ in range(16):
+        a = int(rng.integers(1, 9))
+        samples.append(Sample(build_multimodal_prompt([[1, 2, a]], _vision_ids(model_cfg)), (a + 9, 19)))
+    cfg = TrainConfig.from_file_and_overrides(None, _overrides(tmp_path, tmp_path / "run") + [
+        "steps=30", "vision_aux_weight=1.0", "save_every=1000"])
+    hist = TargetTrainer(cfg, samples=samples).run(progress=False)
+    assert "vision_unexplained" not in hist[-1] and np.isfinite(hist[-1]["loss"])
+    assert hist[-1]["loss"] < 0.5 * hist[0]["loss"], (hist[0], hist[-1])

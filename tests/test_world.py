@@ -222,3 +222,22 @@ def test_follow_up_questions_are_context_and_answers_are_targets():
         assert codec.decode([t for t in context if t < 256]).count("user") == 3
     with pytest.raises(ValueError, match="qa_per_sample"):
         W.WorldDataset(codec, ids, 4, qa_per_sample=0)
+
+
+def test_world_dataset_kinds_keeps_only_those_questions():
+    """kinds=(...) asks only questions of those kinds (the bootstrap stage of target training); without
+    "caption" no caption is asked whatever caption_share says; without kinds the draws are unchanged."""
+    ids = W.VisionTokenIds(301, 302, 303, 304)
+    base = W.WorldDataset(None, ids, 30, durations=(8,), seed=2, caption_share=0.5)
+    same = W.WorldDataset(None, ids, 30, durations=(8,), seed=2, caption_share=0.5, kinds=W.QA_KINDS)
+    bg = W.WorldDataset(None, ids, 30, durations=(8,), seed=2, caption_share=0.9, kinds=("background",))
+    mixed = W.WorldDataset(None, ids, 30, durations=(8,), seed=2, caption_share=0.5, qa_per_sample=3,
+                           kinds=("caption", "colour", "background"))
+    for i in range(30):
+        assert base.specs(i) == same.specs(i)
+        assert [q.kind for q in bg.specs(i)[1]] == ["background"]
+        scene, qas = mixed.specs(i)
+        assert {q.kind for q in qas[1:]} <= {"colour", "background"} and len({q.question for q in qas}) == len(qas)
+    assert {mixed.specs(i)[1][0].kind for i in range(30)} == {"caption", "colour", "background"}
+    with pytest.raises(ValueError, match="kinds"):
+        W.WorldDataset(None, ids, 4, kinds=("colour", "smell"))

@@ -417,6 +417,10 @@ def caption(scene: Scene, variant: int = 0) -> str:
     return " ".join(sentences)
 
 
+QA_KINDS = ("caption", "count", "colour", "shape", "size", "motion", "time", "object", "yesno",
+            "background", "event")
+
+
 @dataclasses.dataclass(frozen=True)
 class QA:
     question: str
@@ -693,14 +697,19 @@ class WorldDataset(Sequence):
     `split_seeds(split, n, offset)[i]` with a duration drawn from `durations`: a caption request with
     probability `caption_share`, else one of its QA pairs; `qa_per_sample` > 1 adds that many - 1
     further questions (distinct, not captions) as follow-up turns about the same video — many answers
-    that depend on the video per rendered clip. `grid(i)` gives the visual grid without rendering (for
-    bucketing by shape)."""
+    that depend on the video per rendered clip. `kinds` keeps only questions of those QA kinds (e.g.
+    ("background",): the one-attribute task that teaches a from-scratch LM to read the visual tokens
+    before the full mix; caption_share then applies only if "caption" is among them). `grid(i)` gives
+    the visual grid without rendering (for bucketing by shape)."""
 
     def __init__(self, codec, ids: VisionTokenIds, n: int, *, split: str = "train", offset: int = 0, seed: int = 0,
                  durations=(LENGTHS["short"],), caption_share: float = 0.5, qa_per_sample: int = 1,
-                 cfg: WorldConfig = WorldConfig(), roundtrip: bool = True):
+                 cfg: WorldConfig = WorldConfig(), roundtrip: bool = True, kinds=None):
         if qa_per_sample < 1:
             raise ValueError(f"qa_per_sample must be at least 1, got {qa_per_sample}")
+        self.kinds = None if kinds is None else tuple(kinds)
+        if self.kinds is not None and (not self.kinds or set(self.kinds) - set(QA_KINDS)):
+            raise ValueError(f"kinds {kinds!r}: expected a non-empty subset of {QA_KINDS}")
         self.codec, self.ids, self.cfg, self.roundtrip = codec, ids, cfg, roundtrip
         self.seeds, self.seed = split_seeds(split, n, offset), seed
         self.durations, self.caption_share = tuple(int(d) for d in durations), caption_share
@@ -714,10 +723,17 @@ class WorldDataset(Sequence):
         rng = np.random.default_rng([self.seed, i])
         scene = make_scene(self.seeds[i], self.durations[rng.integers(len(self.durations))], self.cfg)
         qas = scene_qa(scene, int(rng.integers(1 << 16)))
-        first = qas[0] if rng.random() < self.caption_share else qas[1 + rng.integers(len(qas) - 1)]
+        caption, questions = qas[0], qas[1:]
+        if self.kinds is not None:
+            questions = [q for q in questions if q.kind in self.kinds]
+            caption = caption if "caption" in self.kinds else None
+            if caption is None and not questions:
+                raise ValueError(f"scene {scene.seed} ({scene.duration} s) has no question of kinds {self.kinds}")
+        use_caption = caption is not None and (not questions or rng.random() < self.caption_share)
+        first = caption if use_caption else questions[rng.integers(len(questions))]
         if self.qa_per_sample == 1:
             return scene, [first]
-        rest = [q for q in qas[1:] if q is not first]
+        rest = [q for q in questions if q is not first]
         picks = rng.permutation(len(rest))[:self.qa_per_sample - 1]
         return scene, [first] + [rest[j] for j in picks]
 

@@ -234,10 +234,11 @@ class TargetTrainer(Trainer):
         def micro_loss(params, batch: TargetBatch):
             model = nnx.merge(graph, jax.tree.map(lambda x: x.astype(compute), params))
             inputs = batch.inputs
-            feats = model.encode_visuals(inputs.pixels_PC, inputs.vision_layout, cfg.attention)
+            has_visuals = inputs.pixels_PC is not None  # a text-only bucket has no vision tower pass
+            feats = model.encode_visuals(inputs.pixels_PC, inputs.vision_layout, cfg.attention) if has_visuals else None
             m = answer_metrics(answer_sums(model, batch, impl=cfg.attention, visual_feats=feats))
             loss = m["loss"]
-            if cfg.vision_aux_weight:
+            if cfg.vision_aux_weight and has_visuals:
                 # A vision tower trained from scratch through the LM alone collapses to one vector for
                 # every token (the LM uses visual positions as attention sinks); a linear probe that must
                 # recover each token's pixels from its features keeps them informative.
