@@ -114,7 +114,7 @@ class SparrowDraft(nnx.Module):
         self.cfg = cfg
         H = cfg.hidden_size
         self.embed_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype) if cfg.normalize_embeddings else None
-        self.fc = linear(2 * H, H, bias=True, rngs=rngs, dtype=dtype)
+        self.fc = linear(2 * H, H, ("embed2", "embed"), bias=True, rngs=rngs, dtype=dtype)  # [e; h] in
         self.layers = nnx.List([
             DecoderLayer(dim=H, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                          head_dim=cfg.head_dim, mlp_dim=cfg.intermediate_size, act=cfg.hidden_act,

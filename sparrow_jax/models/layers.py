@@ -3,6 +3,10 @@
 Shape suffixes: B batch, T query length, S key length, N tree/block length, D model width,
 H query heads, K kv heads, E head dim, F MLP width, V vocab.
 Weights keep torch's math but JAX's layout: a Linear kernel is [in, out].
+
+Every parameter declares its logical axes where it is made (`axes_metadata`, one name per dimension:
+'embed', 'heads', 'kv_heads', 'mlp', 'vocab', 'norm', ...); `sparrow_jax.training.sharding.RULES` maps
+them to mesh axes. Nothing is inferred from parameter names.
 """
 
 from __future__ import annotations
@@ -12,6 +16,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
+
+# Flax's own metadata key for a Variable's partitioning (nnx.with_partitioning writes it and
+# nnx.get_partition_spec reads it); ours holds logical axis names, not mesh axes.
+_AXES_KEY = "out_sharding"
+
+
+def axes_metadata(*axes: str) -> dict:
+    """Variable metadata declaring a parameter's logical axes. Eager sharding stays off: models are
+    built outside any mesh, and the trainer places parameters from these axes and the rules table."""
+    return {_AXES_KEY: tuple(axes), "eager_sharding": False}
+
+
+def declared_axes(variable) -> tuple[str, ...] | None:
+    """The logical axes a parameter declared at creation (None: none declared)."""
+    return variable.get_metadata(_AXES_KEY, None)
+
 
 def _gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
@@ -54,7 +74,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm computed in fp32, cast back before the scale (as transformers does)."""
 
     def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), **axes_metadata("norm"))
         self.eps = eps
 
     def __call__(self, x):
@@ -63,20 +83,29 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
 
-def linear(din: int, dout: int, *, bias: bool, rngs: nnx.Rngs, dtype=jnp.float32, std: float = 0.02):
+def linear(din: int, dout: int, axes: tuple[str, str], *, bias: bool, rngs: nnx.Rngs, dtype=jnp.float32,
+           std: float = 0.02):
+    """A Linear whose kernel [in, out] has logical axes `axes`; its bias follows the output axis."""
     return nnx.Linear(
         din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs,
         kernel_init=nnx.initializers.normal(std), bias_init=nnx.initializers.zeros,
+        kernel_metadata=axes_metadata(*axes), bias_metadata=axes_metadata(axes[1]),
     )
+
+
+def embed(num: int, dim: int, axes: tuple[str, str], *, rngs: nnx.Rngs, dtype=jnp.float32, std: float = 0.02):
+    """An embedding table [num, dim] with logical axes `axes`."""
+    return nnx.Embed(num, dim, dtype=dtype, param_dtype=dtype, rngs=rngs, embedding_init=nnx.initializers.normal(std),
+                     embedding_metadata=axes_metadata(*axes))
 
 
 class GatedMLP(nnx.Module):
     """SwiGLU-style MLP: down(act(gate(x)) * up(x))."""
 
     def __init__(self, dim: int, hidden: int, act: str, *, bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.gate_proj = linear(dim, hidden, bias=bias, rngs=rngs, dtype=dtype)
-        self.up_proj = linear(dim, hidden, bias=bias, rngs=rngs, dtype=dtype)
-        self.down_proj = linear(hidden, dim, bias=bias, rngs=rngs, dtype=dtype)
+        self.gate_proj = linear(dim, hidden, ("embed", "mlp"), bias=bias, rngs=rngs, dtype=dtype)
+        self.up_proj = linear(dim, hidden, ("embed", "mlp"), bias=bias, rngs=rngs, dtype=dtype)
+        self.down_proj = linear(hidden, dim, ("mlp", "embed"), bias=bias, rngs=rngs, dtype=dtype)
         self.act = activation(act)
 
     def __call__(self, x_BTD):
@@ -128,10 +157,12 @@ class SelfAttention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  qkv_bias: bool, out_bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = linear(dim, num_heads * head_dim, bias=qkv_bias, rngs=rngs, dtype=dtype)
-        self.k_proj = linear(dim, num_kv_heads * head_dim, bias=qkv_bias, rngs=rngs, dtype=dtype)
-        self.v_proj = linear(dim, num_kv_heads * head_dim, bias=qkv_bias, rngs=rngs, dtype=dtype)
-        self.o_proj = linear(num_heads * head_dim, dim, bias=out_bias, rngs=rngs, dtype=dtype)
+        self.q_proj = linear(dim, num_heads * head_dim, ("embed", "heads"), bias=qkv_bias, rngs=rngs, dtype=dtype)
+        self.k_proj = linear(dim, num_kv_heads * head_dim, ("embed", "kv_heads"), bias=qkv_bias, rngs=rngs,
+                             dtype=dtype)
+        self.v_proj = linear(dim, num_kv_heads * head_dim, ("embed", "kv_heads"), bias=qkv_bias, rngs=rngs,
+                             dtype=dtype)
+        self.o_proj = linear(num_heads * head_dim, dim, ("heads", "embed"), bias=out_bias, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_BTD, cos_BTE, sin_BTE, mask: attn_lib.MaskSpec, cache_kv=None,
                  impl: str = "xla", block_prefix=None):

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
-from sparrow_jax.models.layers import activation, linear, rope_cos_sin_1d
+from sparrow_jax.models.layers import activation, axes_metadata, embed, linear, rope_cos_sin_1d
 from sparrow_jax.models.qwen2_5_vl import ConfigError, TextConfig, TextModel
 
 # ----------------------------------------------------------------------------------------- configs
@@ -419,8 +419,8 @@ class LayerNorm(nnx.Module):
     """torch LayerNorm (two-pass variance) in fp32, cast back to the input dtype."""
 
     def __init__(self, dim: int, eps: float, *, dtype=jnp.float32):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), **axes_metadata("norm"))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), **axes_metadata("norm"))
         self.eps = eps
 
     def __call__(self, x):
@@ -435,10 +435,10 @@ class SiglipAttention(nnx.Module):
     def __init__(self, cfg: SiglipVisionConfig, *, rngs, dtype):
         D = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = linear(D, D, bias=True, rngs=rngs, dtype=dtype)
-        self.k_proj = linear(D, D, bias=True, rngs=rngs, dtype=dtype)
-        self.v_proj = linear(D, D, bias=True, rngs=rngs, dtype=dtype)
-        self.out_proj = linear(D, D, bias=True, rngs=rngs, dtype=dtype)
+        self.q_proj = linear(D, D, ("embed", "heads"), bias=True, rngs=rngs, dtype=dtype)
+        self.k_proj = linear(D, D, ("embed", "heads"), bias=True, rngs=rngs, dtype=dtype)
+        self.v_proj = linear(D, D, ("embed", "heads"), bias=True, rngs=rngs, dtype=dtype)
+        self.out_proj = linear(D, D, ("heads", "embed"), bias=True, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_NPD, impl):
         N, P, D = x_NPD.shape
@@ -452,8 +452,8 @@ class SiglipAttention(nnx.Module):
 
 class SiglipMLP(nnx.Module):
     def __init__(self, cfg: SiglipVisionConfig, *, rngs, dtype):
-        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, bias=True, rngs=rngs, dtype=dtype)
-        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
+        self.fc1 = linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=True, rngs=rngs, dtype=dtype)
+        self.fc2 = linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), bias=True, rngs=rngs, dtype=dtype)
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -476,9 +476,9 @@ class SiglipEmbeddings(nnx.Module):
     def __init__(self, cfg: SiglipVisionConfig, *, rngs, dtype):
         self.cfg = cfg
         # Conv2d with stride = kernel is a Linear on (C, ph, pw)-flattened patches.
-        self.patch_embedding = linear(cfg.patch_dim, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
-        self.position_embedding = nnx.Embed(cfg.grid**2, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
-                                            embedding_init=nnx.initializers.normal(0.02))
+        self.patch_embedding = linear(cfg.patch_dim, cfg.hidden_size, ("patch", "embed"), bias=True, rngs=rngs,
+                                      dtype=dtype)
+        self.position_embedding = embed(cfg.grid**2, cfg.hidden_size, ("positions", "embed"), rngs=rngs, dtype=dtype)
 
     def __call__(self, pixels_NCHW):
         c = self.cfg
@@ -519,8 +519,8 @@ class MultiModalProjector(nnx.Module):
     def __init__(self, cfg: LlavaOneVisionConfig, *, rngs, dtype):
         din = cfg.vision.hidden_size * len(cfg.feature_layers)
         D = cfg.text.hidden_size
-        self.linear_1 = linear(din, D, bias=cfg.multimodal_projector_bias, rngs=rngs, dtype=dtype)
-        self.linear_2 = linear(D, D, bias=cfg.multimodal_projector_bias, rngs=rngs, dtype=dtype)
+        self.linear_1 = linear(din, D, ("embed", "mlp"), bias=cfg.multimodal_projector_bias, rngs=rngs, dtype=dtype)
+        self.linear_2 = linear(D, D, ("mlp", "embed"), bias=cfg.multimodal_projector_bias, rngs=rngs, dtype=dtype)
         self.act = activation(cfg.projector_hidden_act)
 
     def __call__(self, x):
@@ -535,10 +535,11 @@ class LlavaOneVision(nnx.Module):
         self.vision_tower = SiglipVisionTower(cfg.vision, rngs=rngs, dtype=dtype)
         self.multi_modal_projector = MultiModalProjector(cfg, rngs=rngs, dtype=dtype)
         D = cfg.text.hidden_size
-        self.image_newline = nnx.Param(jax.random.normal(rngs.params(), (D,), dtype) / math.sqrt(D))
+        self.image_newline = nnx.Param(jax.random.normal(rngs.params(), (D,), dtype) / math.sqrt(D),
+                                       **axes_metadata("embed"))
         self.model = TextModel(cfg.text, rngs=rngs, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else linear(
-            D, cfg.text.vocab_size, bias=False, rngs=rngs, dtype=dtype)
+            D, cfg.text.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, dtype=dtype)
 
     # --- pieces the family-agnostic target API calls ---
     def embed(self, ids_BT):

@@ -17,7 +17,8 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
-from sparrow_jax.models.layers import DecoderLayer, GatedMLP, RMSNorm, apply_rope, linear, mrope_cos_sin, rope_inv_freq
+from sparrow_jax.models.layers import (DecoderLayer, GatedMLP, RMSNorm, apply_rope, embed, linear, mrope_cos_sin,
+                                      rope_inv_freq)
 
 # ----------------------------------------------------------------------------------------- configs
 
@@ -293,8 +294,8 @@ def rope_index(input_ids, mm_token_type_ids, grids_thw, second_per_grid_ts, cfg:
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs, dtype):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
-        self.proj = linear(cfg.hidden_size, cfg.hidden_size, bias=True, rngs=rngs, dtype=dtype)
+        self.qkv = linear(cfg.hidden_size, 3 * cfg.hidden_size, ("embed", "heads"), bias=True, rngs=rngs, dtype=dtype)
+        self.proj = linear(cfg.hidden_size, cfg.hidden_size, ("heads", "embed"), bias=True, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_PD, cos_PE, sin_PE, seg: SegmentLayout, impl):
         P = x_PD.shape[0]
@@ -323,8 +324,8 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs, dtype):
         self.unit_dim = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size, 1e-6, dtype=dtype)
-        self.fc1 = linear(self.unit_dim, self.unit_dim, bias=True, rngs=rngs, dtype=dtype)
-        self.fc2 = linear(self.unit_dim, cfg.out_hidden_size, bias=True, rngs=rngs, dtype=dtype)
+        self.fc1 = linear(self.unit_dim, self.unit_dim, ("embed", "mlp"), bias=True, rngs=rngs, dtype=dtype)
+        self.fc2 = linear(self.unit_dim, cfg.out_hidden_size, ("mlp", "embed"), bias=True, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_PD):
         x = self.ln_q(x_PD).reshape(-1, self.unit_dim)
@@ -334,7 +335,7 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, rngs, dtype):
         self.cfg = cfg
-        self.patch_embed = linear(cfg.patch_dim, cfg.hidden_size, bias=False, rngs=rngs, dtype=dtype)
+        self.patch_embed = linear(cfg.patch_dim, cfg.hidden_size, ("patch", "embed"), bias=False, rngs=rngs, dtype=dtype)
         self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype)
 
@@ -358,8 +359,7 @@ class VisionTower(nnx.Module):
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, rngs, dtype):
         self.cfg = cfg
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
-                                      embedding_init=nnx.initializers.normal(0.02))
+        self.embed_tokens = embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs, dtype=dtype)
         self.layers = nnx.List([
             DecoderLayer(dim=cfg.hidden_size, num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                          head_dim=cfg.head_dim, mlp_dim=cfg.intermediate_size, act=cfg.hidden_act,
@@ -391,7 +391,7 @@ class Qwen25VL(nnx.Module):
         self.visual = VisionTower(cfg.vision, rngs=rngs, dtype=dtype)
         self.model = TextModel(cfg.text, rngs=rngs, dtype=dtype)
         self.lm_head = None if cfg.tie_word_embeddings else linear(
-            cfg.text.hidden_size, cfg.text.vocab_size, bias=False, rngs=rngs, dtype=dtype)
+            cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False, rngs=rngs, dtype=dtype)
 
     # --- pieces the family-agnostic target API calls ---
     def embed(self, ids_BT):

@@ -1,5 +1,6 @@
-"""Logical-axis sharding (MaxText style): parameters get logical axis names from their role, one rules
-table maps logical names to mesh axes. Changing parallelism = editing RULES. Shared by the trainer
+"""Logical-axis sharding (MaxText style): every parameter declares its logical axes where it is made
+(`models.layers.axes_metadata`); one rules table maps logical names to mesh axes; every PartitionSpec
+is derived from the parameters themselves. Changing parallelism = editing RULES. Shared by the trainer
 (draft, optimizer state, the online target) and usable for inference."""
 
 from __future__ import annotations
@@ -9,30 +10,23 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sparrow_jax.models.layers import declared_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of axes, or None = replicated)
 RULES = {
     "batch": ("data", "fsdp"),
     "embed": "fsdp",
-    "embed2": "fsdp",  # the FC's 2H input
+    "embed2": "fsdp",  # the draft FC's 2H input
     "heads": "tensor",
+    "kv_heads": "tensor",
     "mlp": "tensor",
     "vocab": "tensor",
     "norm": None,
-    "patch": None,
+    "patch": None,  # flattened pixel patches into a patch embedding
+    "positions": None,  # rows of a position-embedding table
 }
-
-# (name fragment, kernel axes, bias axes); first match wins. Kernels are [in, out].
-_ROLE_AXES = (
-    (("q_proj", "k_proj", "v_proj", "qkv"), ("embed", "heads"), ("heads",)),
-    (("o_proj", "attn.proj"), ("heads", "embed"), ("embed",)),
-    (("gate_proj", "up_proj", "fc1"), ("embed", "mlp"), ("mlp",)),
-    (("down_proj", "fc2"), ("mlp", "embed"), ("embed",)),
-    (("lm_head",), ("embed", "vocab"), ("vocab",)),
-    (("patch_embed",), ("patch", "embed"), ("embed",)),
-    (("fc",), ("embed2", "embed"), ("embed",)),
-)
 
 
 def make_mesh(shape=(1, 1, 1), devices=None):
@@ -46,18 +40,26 @@ def make_mesh(shape=(1, 1, 1), devices=None):
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def logical_axes(path, ndim: int):
-    name = ".".join(str(p) for p in path)
-    leaf = str(path[-1])
-    if leaf == "embedding":
-        return ("vocab", "embed")
-    for frags, k_axes, b_axes in _ROLE_AXES:
-        if any(f in name for f in frags):
-            if leaf == "kernel" and ndim == 2:
-                return k_axes
-            if leaf == "bias" and ndim == 1:
-                return b_axes
-    return ("norm",) * ndim
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def logical_axes(path, variable) -> tuple[str, ...]:
+    """The logical axes `variable` (at `path` in its state) declared; an error naming the parameter
+    when it declared none, declared the wrong number, or used a name RULES does not know."""
+    name = _path_name(path)
+    if not isinstance(variable, nnx.Variable):
+        raise ValueError(f"parameter {name}: a bare array, not an nnx Variable (no logical axes to read)")
+    axes = declared_axes(variable)
+    if axes is None:
+        raise ValueError(f"parameter {name}: no logical axes declared where it is created "
+                         "(use models.layers.axes_metadata)")
+    if len(axes) != variable.ndim:
+        raise ValueError(f"parameter {name}: logical axes {axes} for a {variable.ndim}-d parameter {variable.shape}")
+    unknown = [a for a in axes if a not in RULES]
+    if unknown:
+        raise ValueError(f"parameter {name}: logical axes {unknown} have no entry in sharding.RULES")
+    return tuple(axes)
 
 
 def spec_for(axes, shape, mesh) -> P:
@@ -76,12 +78,20 @@ def spec_for(axes, shape, mesh) -> P:
     return P(*out)
 
 
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_specs(state, mesh):
+    """PartitionSpec of every parameter of an nnx State, from its declared axes and RULES (same tree,
+    each Variable holding its spec)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: v.replace(spec_for(logical_axes(path, v), v.shape, mesh)), state, is_leaf=_is_variable)
+
+
 def state_shardings(state, mesh):
-    """NamedSharding pytree for an nnx State (or any pytree with paths)."""
-    def one(path, x):
-        keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-        return NamedSharding(mesh, spec_for(logical_axes(keys, x.ndim), x.shape, mesh))
-    return jax.tree_util.tree_map_with_path(one, state)
+    """NamedSharding of every parameter of an nnx State (same tree, each Variable holding its sharding)."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state, mesh))
 
 
 def batch_sharding(mesh, ndim: int):
@@ -92,5 +102,5 @@ def replicated(mesh):
     return NamedSharding(mesh, P())
 
 
-__all__ = ["MESH_AXES", "RULES", "make_mesh", "logical_axes", "spec_for", "state_shardings", "batch_sharding",
-           "replicated", "nnx"]
+__all__ = ["MESH_AXES", "RULES", "make_mesh", "logical_axes", "spec_for", "state_specs", "state_shardings",
+           "batch_sharding", "replicated"]
