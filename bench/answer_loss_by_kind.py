@@ -1,0 +1,131 @@
+"""Teacher-forced answer loss per question kind with the real video and with control videos: the quick
+"does the target read the video, and for which questions" probe used while training the shipped target.
+Cheaper than bench/target_reads_video.py (no generation): one forward per batch of held-out questions.
+
+  python bench/answer_loss_by_kind.py --target shipped/tiny-qwen2.5-vl
+  python bench/answer_loss_by_kind.py --run configs/train_tiny_target_stage3.json     # its latest checkpoint
+
+Held-out questions: validation-split scenes (8 s by default), `--per-kind` questions of each kind (the same
+ones for every model). Loss = mean cross-entropy per answer token (the answer's template words included, so
+a gap between real and blank comes only from the content words). A target that reads the video for a kind
+has a clearly lower loss with the real video than with a blank one. Results: one JSON line per (model,
+kind, condition) in --jsonl, and a printed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from common import environment, write_jsonl  # noqa: E402
+
+KINDS = "background,colour,shape,size,count,motion,yesno"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--target", help="HF checkpoint directory (with the tokenizer files)")
+    src.add_argument("--run", help="a target-training config: probe the latest checkpoint of its out_dir")
+    ap.add_argument("--kinds", default=KINDS, help="question kinds, comma-separated")
+    ap.add_argument("--per-kind", type=int, default=24, help="held-out questions per kind (a multiple of --batch)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--duration", type=int, default=8, help="video length in seconds")
+    ap.add_argument("--conditions", default="real,blank", help="real, blank, shuffled")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the target's, else the shipped one)")
+    ap.add_argument("--jsonl", default=str(HERE / "results" / "answer_loss_by_kind.jsonl"))
+    args = ap.parse_args(argv)
+    if args.per_kind < args.batch or args.per_kind % args.batch:
+        ap.error(f"--per-kind {args.per_kind} must be a positive multiple of --batch {args.batch}")
+    return args
+
+
+def load_run_model(config_path):
+    """The model at the latest checkpoint of a target-training run (restored from a copy, so a run
+    still writing its checkpoints is not disturbed)."""
+    from sparrow_jax.training.target_trainer import TargetTrainer  # noqa: PLC0415
+    from sparrow_jax.training.trainer import TrainConfig  # noqa: PLC0415
+
+    cfg = TrainConfig.from_file_and_overrides(config_path, [])
+    src = Path(cfg.out_dir) / "checkpoints"
+    steps = sorted(int(p.name) for p in src.iterdir() if p.name.isdigit()) if src.is_dir() else []
+    if not steps:
+        raise SystemExit(f"{config_path}: no checkpoint in {src}")
+    tmp = Path(tempfile.mkdtemp(prefix="answer_loss_"))
+    shutil.copytree(src / str(steps[-1]), tmp / "checkpoints" / str(steps[-1]))
+    tr = TargetTrainer(dataclasses.replace(cfg, out_dir=str(tmp), tensorboard=False, num_samples=cfg.global_batch),
+                       log=lambda *a, **k: None)
+    if not tr.restore_latest():
+        raise SystemExit(f"{config_path}: could not restore step {steps[-1]}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tr.model(), f"{config_path}@{tr.step}", cfg.tokenizer_dir
+
+
+def held_out_questions(kinds, per_kind: int, duration: int):
+    """{kind: [(scene, qa)]}: the first `per_kind` questions of each kind over validation scenes."""
+    from sparrow_jax.synthetic import world  # noqa: PLC0415
+
+    out = {k: [] for k in kinds}
+    for seed in world.split_seeds("validation", 2000):
+        scene = world.make_scene(seed, duration)
+        for qa in world.scene_qa(scene, 0)[1:]:
+            if qa.kind in out and len(out[qa.kind]) < per_kind:
+                out[qa.kind].append((scene, qa))
+        if all(len(v) == per_kind for v in out.values()):
+            return out
+    short = {k: len(v) for k, v in out.items() if len(v) < per_kind}
+    raise SystemExit(f"not enough held-out questions of kinds {short} (asked {per_kind} each)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from sparrow_jax.io.text import load_codec  # noqa: PLC0415
+    from sparrow_jax.models import registry  # noqa: PLC0415
+    from sparrow_jax.synthetic import world  # noqa: PLC0415
+    from sparrow_jax.training.target_trainer import answer_metrics, answer_sums, target_batch  # noqa: PLC0415
+
+    if args.target:
+        model, name, tok = registry.load_target(args.target), args.target, args.target
+    else:
+        model, name, tok = load_run_model(args.run)
+    tok = args.tokenizer or tok or "shipped/tiny-qwen2.5-vl"
+    codec = load_codec(tok, model.cfg.text.vocab_size)
+    ids = world.world_source(model.cfg, 1, tokenizer_dir=tok).ids
+    kinds = [k for k in args.kinds.split(",") if k]
+    questions = held_out_questions(kinds, args.per_kind, args.duration)
+    sums = jax.jit(lambda b: answer_sums(model, b))
+    env = environment()
+    print(f"{name}: answer loss per token ({args.per_kind} held-out questions per kind, {args.duration} s)")
+    print(f"{'kind':<12}" + "".join(f"{c:>10}" for c in args.conditions.split(",")))
+    for kind in kinds:
+        row = {}
+        for cond in args.conditions.split(","):
+            tot = None
+            items = questions[kind]
+            for i0 in range(0, len(items), args.batch):
+                samples = [world.scene_sample(s, qa, codec, ids, frames=world.ablate(world.render(s), cond))
+                           for s, qa in items[i0:i0 + args.batch]]
+                s = sums(target_batch(samples, model.cfg, max_text=160))
+                tot = s if tot is None else jax.tree.map(jnp.add, tot, s)
+            m = {k: float(v) for k, v in answer_metrics(tot).items()}
+            row[cond] = m["loss"]
+            write_jsonl(args.jsonl, {"bench": "answer_loss_by_kind", "model": name, "kind": kind, "condition": cond,
+                                     "duration_s": args.duration, "questions": len(items), **m, **env})
+        print(f"{kind:<12}" + "".join(f"{row[c]:>10.4f}" for c in row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
