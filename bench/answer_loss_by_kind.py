@@ -42,6 +42,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--duration", type=int, default=8, help="video length in seconds")
     ap.add_argument("--conditions", default="real,blank", help="real, blank, shuffled")
+    ap.add_argument("--sprite-scale", type=float, default=1.0, help="WorldConfig.sprite_scale of the rendered scenes")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the target's, else the shipped one)")
     ap.add_argument("--jsonl", default=str(HERE / "results" / "answer_loss_by_kind.jsonl"))
     args = ap.parse_args(argv)
@@ -106,6 +107,7 @@ def main(argv=None):
     ids = world.world_source(model.cfg, 1, tokenizer_dir=tok).ids
     kinds = [k for k in args.kinds.split(",") if k]
     questions = held_out_questions(kinds, args.per_kind, args.duration)
+    wcfg = world.WorldConfig(sprite_scale=args.sprite_scale)
     sums = jax.jit(lambda b: answer_sums(model, b))
     env = environment()
     print(f"{name}: answer loss per token ({args.per_kind} held-out questions per kind, {args.duration} s)")
@@ -116,14 +118,14 @@ def main(argv=None):
             tot = None
             items = questions[kind]
             for i0 in range(0, len(items), args.batch):
-                samples = [world.scene_sample(s, qa, codec, ids, frames=world.ablate(world.render(s), cond))
+                samples = [world.scene_sample(s, qa, codec, ids, wcfg, frames=world.ablate(world.render(s, wcfg), cond))
                            for s, qa in items[i0:i0 + args.batch]]
                 s = sums(target_batch(samples, model.cfg, max_text=160))
                 tot = s if tot is None else jax.tree.map(jnp.add, tot, s)
             m = {k: float(v) for k, v in answer_metrics(tot).items()}
             row[cond] = m["loss"]
             write_jsonl(args.jsonl, {"bench": "answer_loss_by_kind", "model": name, "kind": kind, "condition": cond,
-                                     "duration_s": args.duration, "questions": len(items), **m, **env})
+                                     "duration_s": args.duration, "sprite_scale": args.sprite_scale, "questions": len(items), **m, **env})
         print(f"{kind:<12}" + "".join(f"{row[c]:>10.4f}" for c in row), flush=True)
 
 

@@ -3,6 +3,7 @@ captions/QA and the scorer agree with the graph, the mp4 reads back through the 
 the expected frame and token counts, and the long lengths reach their token counts."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,3 +242,20 @@ def test_world_dataset_kinds_keeps_only_those_questions():
     assert {mixed.specs(i)[1][0].kind for i in range(30)} == {"caption", "colour", "background"}
     with pytest.raises(ValueError, match="kinds"):
         W.WorldDataset(None, ids, 4, kinds=("colour", "smell"))
+
+
+def test_sprite_scale_grows_the_sprites_and_reaches_the_source():
+    """WorldConfig.sprite_scale multiplies sprite sides (area by its square); world_source takes it as
+    data_options {"world": {...}}; an impossible scale is an error naming the field."""
+    o = W.WorldObject("red", "square", "small", "still", (0.5, 0.5), (0.0, 0.0), 0, 8)
+    sc = W.Scene(0, 8, (o,), "black", ())
+    area = [int((W.render(sc, W.WorldConfig(sprite_scale=s))[0] == W.COLOURS["red"]).all(-1).sum()) for s in (1.0, 2.0)]
+    assert area == [round(W.SIZES["small"] * s * CFG.height) ** 2 for s in (1.0, 2.0)] and area[1] > 3.5 * area[0]
+    with pytest.raises(ValueError, match="sprite_scale"):
+        W.WorldConfig(sprite_scale=4.0)
+    from sparrow_jax.models import registry  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent
+    tiny = registry.config_from_dict(*registry.read_config_dict(root / "configs" / "tiny.json"))
+    ds = W.world_source(tiny, 2, world={"sprite_scale": 1.5})
+    assert ds.cfg.sprite_scale == 1.5

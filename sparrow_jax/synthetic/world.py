@@ -68,12 +68,15 @@ class WorldConfig:
     max_events: int = 14
     speed: tuple[float, float] = (0.06, 0.14)  # frame sizes per second
     max_frames: int = 8192  # frame-sampling cap of the preprocessing (HF's default 768 is too few here)
+    sprite_scale: float = 1.0  # sprite sides = SIZES x this (> 1: objects span several visual tokens; a curriculum)
 
     def __post_init__(self):
         if self.height % 28 or self.width % 28 or min(self.height, self.width) <= 0:
             raise ValueError(f"WorldConfig height/width must be positive multiples of 28, got {self.height}x{self.width}")
         if self.fps <= 0:
             raise ValueError(f"WorldConfig.fps must be positive, got {self.fps}")
+        if not 0 < self.sprite_scale * max(SIZES.values()) <= 1:
+            raise ValueError(f"WorldConfig.sprite_scale must be in (0, {1 / max(SIZES.values()):.3g}], got {self.sprite_scale}")
 
     def num_frames(self, duration: float) -> int:
         """Frames rendered for `duration` seconds (even, so every temporal patch holds two real frames)."""
@@ -281,7 +284,7 @@ def render(scene: Scene, cfg: WorldConfig = WorldConfig()) -> np.ndarray:
         t_n = np.nonzero((t_T >= o.t_in) & (t_T < o.t_out))[0]
         if not t_n.size:
             continue
-        side = max(3, round(SIZES[o.size] * base))
+        side = max(3, round(SIZES[o.size] * cfg.sprite_scale * base))
         dy_K, dx_K = _sprite_offsets(o.shape, side)
         c_n2 = _centres(o, t_T[t_n], side / 2 / base)
         y_nK = (np.rint(c_n2[:, :1] * H).astype(np.int64) + dy_K) % H
@@ -755,9 +758,10 @@ class WorldDataset(Sequence):
                             follow_ups=tuple(qas[1:]))
 
 
-def world_source(target_cfg, n: int, *, seed: int = 0, tokenizer_dir=None, **kwargs) -> WorldDataset:
+def world_source(target_cfg, n: int, *, seed: int = 0, tokenizer_dir=None, world=None, **kwargs) -> WorldDataset:
     """A sample source (`synthetic.sources` signature) for the shipped target: the shipped tokenizer,
-    the target's vision token ids (checked against the tokenizer), `WorldDataset` options in kwargs."""
+    the target's vision token ids (checked against the tokenizer), `WorldDataset` options in kwargs and
+    `WorldConfig` fields in `world` (a dict, e.g. {"sprite_scale": 2.0})."""
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.synthetic.tokenizer import SHIPPED_DIR  # noqa: PLC0415
 
@@ -771,6 +775,8 @@ def world_source(target_cfg, n: int, *, seed: int = 0, tokenizer_dir=None, **kwa
                       ("<|image_pad|>", ids.image_pad), ("<|video_pad|>", ids.video_pad)):
         if codec.encode(tok) != [want]:
             raise ValueError(f"{path}: tokenizer encodes {tok} as {codec.encode(tok)}, the target config uses {want}")
+    if world is not None:
+        kwargs["cfg"] = WorldConfig(**world)
     return WorldDataset(codec, ids, n, seed=seed, **kwargs)
 
 
