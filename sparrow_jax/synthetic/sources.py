@@ -21,6 +21,7 @@ SOURCES = {
     "colours": "sparrow_jax.synthetic.sources:colour_samples",  # answer = the object's colour (learnable)
     "colours_short": "sparrow_jax.synthetic.sources:short_colour_samples",  # one clip length: one bucket
     "world": "sparrow_jax.synthetic.world:world_source",  # the tiny video world's captions and QA (lazy)
+    "video_instruct": "sparrow_jax.training.datasets:video_instruct_source",  # local LLaVA-Video-178K / ShareGPT4Video
 }
 
 
