@@ -259,3 +259,17 @@ def test_sprite_scale_grows_the_sprites_and_reaches_the_source():
     tiny = registry.config_from_dict(*registry.read_config_dict(root / "configs" / "tiny.json"))
     ds = W.world_source(tiny, 2, world={"sprite_scale": 1.5})
     assert ds.cfg.sprite_scale == 1.5
+
+
+def test_kinds_replace_a_scene_without_such_questions_keeping_the_grid():
+    """A scene with no question of the chosen kinds is replaced by a later scene of the dataset (same
+    duration, so grid(i) still names the item's bucket)."""
+    ids = W.VisionTokenIds(301, 302, 303, 304)
+    ds = W.WorldDataset(None, ids, 60, durations=(4, 8), seed=1, kinds=("colour",))
+    plain = W.WorldDataset(None, ids, 60, durations=(4, 8), seed=1)
+    replaced = 0
+    for i in range(60):
+        scene, qas = ds.specs(i)
+        assert [q.kind for q in qas] == ["colour"] and ds.grid(i)[0] == ds.cfg.num_frames(scene.duration) // 2
+        replaced += scene.seed != plain.specs(i)[0].seed
+    assert replaced > 0  # some scenes have every shape twice or more and no colour question

@@ -722,16 +722,22 @@ class WorldDataset(Sequence):
         return len(self.seeds)
 
     def specs(self, i: int) -> tuple[Scene, list[QA]]:
-        """The scene and questions of item i (cheap: no rendering)."""
+        """The scene and questions of item i (cheap: no rendering). With `kinds`, a scene that has no
+        question of those kinds is replaced by the next scene of the dataset that has one."""
         rng = np.random.default_rng([self.seed, i])
-        scene = make_scene(self.seeds[i], self.durations[rng.integers(len(self.durations))], self.cfg)
-        qas = scene_qa(scene, int(rng.integers(1 << 16)))
-        caption, questions = qas[0], qas[1:]
-        if self.kinds is not None:
+        duration = self.durations[rng.integers(len(self.durations))]  # fixed: grid(i) draws it the same way
+        for k in range(len(self.seeds)):
+            scene = make_scene(self.seeds[(i + k) % len(self.seeds)], duration, self.cfg)
+            qas = scene_qa(scene, int(rng.integers(1 << 16)))
+            caption, questions = qas[0], qas[1:]
+            if self.kinds is None:
+                break
             questions = [q for q in questions if q.kind in self.kinds]
             caption = caption if "caption" in self.kinds else None
-            if caption is None and not questions:
-                raise ValueError(f"scene {scene.seed} ({scene.duration} s) has no question of kinds {self.kinds}")
+            if caption is not None or questions:
+                break
+        else:
+            raise ValueError(f"no scene of this dataset has a question of kinds {self.kinds}")
         use_caption = caption is not None and (not questions or rng.random() < self.caption_share)
         first = caption if use_caption else questions[rng.integers(len(questions))]
         if self.qa_per_sample == 1:
