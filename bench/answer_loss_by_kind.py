@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -42,10 +43,15 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--duration", type=int, default=8, help="video length in seconds")
     ap.add_argument("--conditions", default="real,blank", help="real, blank, shuffled")
-    ap.add_argument("--sprite-scale", type=float, default=1.0, help="WorldConfig.sprite_scale of the rendered scenes")
+    ap.add_argument("--world", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a WorldConfig field of the held-out scenes (e.g. sprite_scale=2, max_visible=1); repeatable")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the target's, else the shipped one)")
     ap.add_argument("--jsonl", default=str(HERE / "results" / "answer_loss_by_kind.jsonl"))
     args = ap.parse_args(argv)
+    try:
+        args.world = {k: json.loads(v) for k, v in (w.split("=", 1) for w in args.world)}
+    except ValueError as e:
+        ap.error(f"--world expects FIELD=VALUE with a JSON value: {e}")
     if args.per_kind < args.batch or args.per_kind % args.batch:
         ap.error(f"--per-kind {args.per_kind} must be a positive multiple of --batch {args.batch}")
     return args
@@ -72,13 +78,13 @@ def load_run_model(config_path):
     return tr.model(), f"{config_path}@{tr.step}", cfg.tokenizer_dir
 
 
-def held_out_questions(kinds, per_kind: int, duration: int):
+def held_out_questions(kinds, per_kind: int, duration: int, wcfg):
     """{kind: [(scene, qa)]}: the first `per_kind` questions of each kind over validation scenes."""
     from sparrow_jax.synthetic import world  # noqa: PLC0415
 
     out = {k: [] for k in kinds}
     for seed in world.split_seeds("validation", 2000):
-        scene = world.make_scene(seed, duration)
+        scene = world.make_scene(seed, duration, wcfg)
         for qa in world.scene_qa(scene, 0)[1:]:
             if qa.kind in out and len(out[qa.kind]) < per_kind:
                 out[qa.kind].append((scene, qa))
@@ -106,8 +112,11 @@ def main(argv=None):
     codec = load_codec(tok, model.cfg.text.vocab_size)
     ids = world.world_source(model.cfg, 1, tokenizer_dir=tok).ids
     kinds = [k for k in args.kinds.split(",") if k]
-    questions = held_out_questions(kinds, args.per_kind, args.duration)
-    wcfg = world.WorldConfig(sprite_scale=args.sprite_scale)
+    try:
+        wcfg = world.WorldConfig(**args.world)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--world {args.world}: {e}") from None
+    questions = held_out_questions(kinds, args.per_kind, args.duration, wcfg)
     sums = jax.jit(lambda b: answer_sums(model, b))
     env = environment()
     print(f"{name}: answer loss per token ({args.per_kind} held-out questions per kind, {args.duration} s)")
@@ -125,7 +134,7 @@ def main(argv=None):
             m = {k: float(v) for k, v in answer_metrics(tot).items()}
             row[cond] = m["loss"]
             write_jsonl(args.jsonl, {"bench": "answer_loss_by_kind", "model": name, "kind": kind, "condition": cond,
-                                     "duration_s": args.duration, "sprite_scale": args.sprite_scale, "questions": len(items), **m, **env})
+                                     "duration_s": args.duration, "world": args.world, "questions": len(items), **m, **env})
         print(f"{kind:<12}" + "".join(f"{row[c]:>10.4f}" for c in row), flush=True)
 
 
