@@ -36,7 +36,6 @@ bench/tree_search.py on a backend) for the prompt's visual length, else 48-5-10 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -443,8 +442,7 @@ def main(argv=None):
     eos = tuple(cfg.eos_token_ids)
     key = jax.random.key(args.seed)
     # Built once: AR and speculative runs share its cache capacity rule (cache_capacity + cache_slack).
-    ecfg = E.EngineConfig(tree=tree, max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
-                          impl=args.attention)
+    ecfg = E.EngineConfig(tree=tree, max_new_tokens=args.max_new_tokens, eos_ids=eos, impl=args.attention)
 
     def run_ar(on_emit=None):
         t0 = time.perf_counter()
@@ -463,16 +461,15 @@ def main(argv=None):
                     decode_s=t2 - t1, batch=batch)
 
     def run_spec(on_emit=None):
-        run_cfg = dataclasses.replace(ecfg, on_emit=on_emit)
         dgraph, dparams = nnx.split(draft)
         t0 = time.perf_counter()
-        p = E.prepare(model, draft, prompts, run_cfg, mode=visual_mode, keep_fraction=args.keep_fraction,
+        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
                       prune_by=args.prune_by, m_star=m_star, allow_view_mismatch=args.force_view)
         jax.block_until_ready((p.pre, p.dcache))
         t1 = time.perf_counter()
         res = jax.block_until_ready(E.speculative_generate(
             tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV, p.pre.last_hidden_BD,
-            p.pre.rope_delta_B, key, cfg=run_cfg))
+            p.pre.rope_delta_B, key, cfg=ecfg, sampling=sampling, on_emit=on_emit))
         t2 = time.perf_counter()
         return dict(tokens=np.asarray(res.tokens_BM), n=np.asarray(res.num_tokens_B), prefill_s=t1 - t0,
                     decode_s=t2 - t1, batch=p.batch, accepted=np.asarray(res.accepted_BR),
@@ -531,7 +528,7 @@ def main(argv=None):
     if "spec" in runs and args.profile:
         p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
                       prune_by=args.prune_by, m_star=m_star, allow_view_mismatch=args.force_view)
-        split = E.profile_phases(model, draft, p, ecfg)
+        split = E.profile_phases(model, draft, p, ecfg, sampling=sampling)
         record.update(split)
         print(f"[decode] per round: draft {split['draft_s_per_round'] * 1e3:.2f} ms, verify "
               f"{split['verify_s_per_round'] * 1e3:.2f} ms")

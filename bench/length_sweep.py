@@ -187,7 +187,7 @@ class Decoders:
         self.split = {m: nnx.split(d["draft"]) for m, d in drafts.items()}
         self.seed = seed
 
-    def run(self, method: str, prompts, ecfg) -> dict:
+    def run(self, method: str, prompts, ecfg, sampling=None) -> dict:
         """One timed run: prefill (target; + the draft's for a method) then the decode loop."""
         import jax  # noqa: PLC0415
         import numpy as np  # noqa: PLC0415
@@ -207,7 +207,7 @@ class Decoders:
             t1 = time.perf_counter()
             res = jax.block_until_ready(ar_generate(
                 self.tgraph, self.tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
-                max_new_tokens=ecfg.max_new_tokens, sampling=ecfg.sampling, eos_ids=ecfg.eos_ids, impl=self.impl))
+                max_new_tokens=ecfg.max_new_tokens, sampling=sampling, eos_ids=ecfg.eos_ids, impl=self.impl))
             t2 = time.perf_counter()
             out = {"prompt_bucket": int(batch.input_ids_BT.shape[1])}
         else:
@@ -217,7 +217,7 @@ class Decoders:
             dgraph, dparams = self.split[method]
             res = jax.block_until_ready(E.speculative_generate(
                 self.tgraph, self.tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV,
-                p.pre.last_hidden_BD, p.pre.rope_delta_B, key, cfg=ecfg))
+                p.pre.last_hidden_BD, p.pre.rope_delta_B, key, cfg=ecfg, sampling=sampling))
             t2 = time.perf_counter()
             R = int(res.rounds)
             out = {"prompt_bucket": int(p.batch.input_ids_BT.shape[1]), "accepted": np.asarray(res.accepted_BR)[0, :R].tolist(),
@@ -225,15 +225,15 @@ class Decoders:
         n = int(np.asarray(res.num_tokens_B)[0])
         return {"tokens": np.asarray(res.tokens_BM)[0, :n].tolist(), "prefill_s": t1 - t0, "decode_s": t2 - t1, **out}
 
-    def profile(self, method: str, prompts, ecfg) -> dict:
+    def profile(self, method: str, prompts, ecfg, sampling=None) -> dict:
         from sparrow_jax.decoding import engine as E  # noqa: PLC0415
 
         d = self.drafts[method]
         p = E.prepare(self.model, d["draft"], prompts, ecfg, mode=d["mode"])
-        return E.profile_phases(self.model, d["draft"], p, ecfg)
+        return E.profile_phases(self.model, d["draft"], p, ecfg, sampling=sampling)
 
 
-def run_scene(dec: Decoders, methods, prompts, ecfg, repeats: int, cold=(), profile=()) -> dict:
+def run_scene(dec: Decoders, methods, prompts, ecfg, repeats: int, cold=(), profile=(), sampling=None) -> dict:
     """AR and `methods` on one prompt: a warm-up run of each decoder in `cold` (compilation), then `repeats`
     alternating timed runs; per decoder the last run's outputs with the median times (and all of them),
     plus engine.profile_phases for the methods in `profile`."""
@@ -242,11 +242,11 @@ def run_scene(dec: Decoders, methods, prompts, ecfg, repeats: int, cold=(), prof
     order = ["ar", *methods]
     for m in order:
         if m in cold:
-            dec.run(m, prompts, ecfg)
+            dec.run(m, prompts, ecfg, sampling)
     runs = {m: [] for m in order}
     for _ in range(repeats):
         for m in order:
-            runs[m].append(dec.run(m, prompts, ecfg))
+            runs[m].append(dec.run(m, prompts, ecfg, sampling))
     out = {}
     for m, rs in runs.items():
         r = dict(rs[-1])
@@ -254,7 +254,7 @@ def run_scene(dec: Decoders, methods, prompts, ecfg, repeats: int, cold=(), prof
             r[k + "_runs"] = [x[k] for x in rs]
             r[k] = float(np.median(r[k + "_runs"]))
         if m in profile:
-            r.update(dec.profile(m, prompts, ecfg))
+            r.update(dec.profile(m, prompts, ecfg, sampling))
         out[m] = r
     return out
 
@@ -448,14 +448,14 @@ def main(argv=None) -> list[dict]:
     for L, s, T in todo:
         p = plan[L]
         bar.set_description(f"{L} s T={T:g}")
-        ecfg = E.EngineConfig(tree=p["tree"], max_new_tokens=p["max_new"], sampling=SamplingParams(T),
+        ecfg = E.EngineConfig(tree=p["tree"], max_new_tokens=p["max_new"],
                               eos_ids=tuple(cfg.eos_token_ids), impl=args.attention)
         prompt = W.chat_prompt(codec, EV.condition_visual(p["scenes"][s], "real", wcfg), W.CAPTION_QUESTIONS[0], ids)
         methods = [m for m in drafts if key_of(L, s, T, m) not in done]  # AR always: the pairing baseline
         cold = [m for m in ["ar", *methods] if (L, T, m) not in warmed]
         try:
             res = run_scene(dec, methods, [prompt], ecfg, args.repeats, cold=cold,
-                            profile=[m for m in cold if m != "ar"] if args.profile else ())
+                            profile=[m for m in cold if m != "ar"] if args.profile else (), sampling=SamplingParams(T))
         except ValueError as e:  # context / view / tree refusals from prepare and prefill
             sys.exit(f"length_sweep.py: error: {L} s scene {s}: {e}")
         warmed.update((L, T, m) for m in cold)

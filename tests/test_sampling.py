@@ -8,7 +8,7 @@ from scipy import stats
 
 import _tiny
 from sparrow_jax.decoding.autoregressive import generate
-from sparrow_jax.decoding.sampling import SamplingParams, target_probs
+from sparrow_jax.decoding.sampling import SamplingArrays, SamplingParams, target_probs
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch
 
@@ -38,6 +38,21 @@ def test_filtered_distribution_matches_reference(t, k, p):
     ours = np.asarray(target_probs(jnp.asarray(logits), SamplingParams(t, p, k)))
     for b in range(3):
         np.testing.assert_allclose(ours[b], _reference_probs(logits[b], t, k, p), atol=1e-6)
+
+
+def test_rows_with_different_settings_get_their_own_distribution_from_one_program():
+    """Settings are traced [B] arrays: one jitted call filters each row by its own (t, top_k, top_p),
+    a temperature-0 row is one-hot argmax; new values reuse the program."""
+    cases = [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 5, 1.0), (0.5, 8, 0.8), (0.0, 3, 0.5)]
+    logits = np.asarray(jax.random.normal(jax.random.key(2), (len(cases), 40))) * 2
+    probs_of = jax.jit(target_probs)
+    ours = np.asarray(probs_of(jnp.asarray(logits), SamplingArrays.rows([SamplingParams(t, p, k) for t, k, p in cases],
+                                                                         len(cases))))
+    for b, (t, k, p) in enumerate(cases):
+        want = np.eye(40)[np.argmax(logits[b])] if t == 0 else _reference_probs(logits[b], t, k, p)
+        np.testing.assert_allclose(ours[b], want, atol=1e-6)
+    probs_of(jnp.asarray(logits), SamplingArrays.rows(SamplingParams(2.0, 0.3, 1), len(cases)))
+    assert probs_of._cache_size() == 1
 
 
 def test_greedy_is_one_hot_argmax():

@@ -10,6 +10,7 @@ from flax import nnx
 from scipy import stats
 
 import _tiny
+from sparrow_jax.decoding import autoregressive as A
 from sparrow_jax.decoding import engine as E
 from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity
 from sparrow_jax.decoding.sampling import SamplingParams, target_probs
@@ -66,7 +67,8 @@ def chi2_pvalue(samples, exact):
 
 
 def spec_samples(target, draft, prompt, sp, tree="10-3-3", mode="text_only"):
-    cfg = E.EngineConfig(tree=TreeSpec.parse(tree), max_new_tokens=STEPS, sampling=sp)
+    """ROWS * CALLS speculative samples of the first STEPS tokens; `sp` one setting or one per row."""
+    cfg = E.EngineConfig(tree=TreeSpec.parse(tree), max_new_tokens=STEPS)
     tgraph, tparams = nnx.split(target)
     dgraph, dparams = nnx.split(draft)
     out, taus = [], []
@@ -74,7 +76,8 @@ def spec_samples(target, draft, prompt, sp, tree="10-3-3", mode="text_only"):
     for c in range(CALLS):
         tcache, dcache = jax.tree.map(jnp.copy, (p.pre.cache, p.dcache))
         res = E.speculative_generate(tgraph, tparams, dgraph, dparams, tcache, dcache, p.pre.last_logits_BV,
-                                     p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(c), cfg=cfg)
+                                     p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(c), cfg=cfg,
+                                     sampling=sp)
         assert np.all(np.asarray(res.num_tokens_B) == STEPS)
         out.append(np.asarray(res.tokens_BM))
         a = np.asarray(res.accepted_BR)
@@ -132,3 +135,84 @@ def test_speculative_sampling_is_lossless_on_a_video_prompt_with_the_paper_tree(
         p, cells = chi2_pvalue(samples, exact)
         assert cells >= 20
         assert p > 0.01, f"{mode}, {name} draft: speculative joint differs from the target's (p={p:.4g}, tau={tau:.2f})"
+
+
+# Rows of one batch with different settings: greedy, top-p only, top-k only, both (laws concentrated
+# enough for 5k samples each: >= 64 cells of >= 5 expected). ROWS is a multiple of their count.
+MIXED = (SamplingParams(), SamplingParams(temperature=0.5, top_p=0.7), SamplingParams(temperature=1.3, top_k=4),
+         SamplingParams(temperature=1.0, top_p=0.9, top_k=8))
+
+
+@pytest.mark.slow
+def test_rows_with_different_settings_each_keep_their_own_distribution(small_target, trained_draft):
+    """One batch, rows cycling through MIXED: each sampling row's joint law of the first tokens is its
+    own setting's exact law (speculative and AR), and the greedy rows are exactly the greedy AR tokens."""
+    prompt = _tiny.prompt([[3, 9, 4, 1, 7, 12]], small_target.cfg)
+    per_row = [MIXED[i % len(MIXED)] for i in range(ROWS)]
+    spec, _ = spec_samples(small_target, trained_draft, prompt, per_row)
+    ar = ar_samples(small_target, prompt, per_row)
+    greedy = np.asarray(A.generate(small_target, [prompt], max_new_tokens=STEPS, eos_ids=())[0])
+    for g, sp in enumerate(MIXED):
+        if sp.greedy:
+            assert np.all(spec[g::len(MIXED)] == greedy) and np.all(ar[g::len(MIXED)] == greedy)
+            continue
+        exact = exact_joint(small_target, prompt, sp, STEPS)
+        for name, samples in (("AR", ar), ("speculative", spec)):
+            p, cells = chi2_pvalue(samples[g::len(MIXED)], exact)
+            assert cells >= 50
+            assert p > 0.01, f"{name} rows with {sp}: joint differs from their target law (p={p:.4g})"
+
+
+class Collect:
+    """A streaming printer that keeps what it was handed."""
+
+    def __init__(self, rows):
+        self.rows = [[] for _ in range(rows)]
+
+    def __call__(self, tokens_BL, counts_B):
+        for b, row in enumerate(self.rows):
+            row.extend(np.asarray(tokens_BL)[b, :int(counts_B[b])].tolist())
+
+
+def test_new_sampling_settings_or_printers_reuse_the_compiled_loops(small_target, random_draft):
+    """Sampling settings are traced per-row arrays and the printer is looked up at run time: after the
+    first sampling call (and the first streaming one) no setting or printer compiles again, for the
+    speculative loop and for AR. The values do reach the program: top_k 1 reproduces greedy."""
+    B = 3
+    prompt = _tiny.prompt([[3, 9, 4, 1, 7, 12]], small_target.cfg)
+    cfg = E.EngineConfig(tree=TreeSpec.parse("10-3-3"), max_new_tokens=5)
+    (tgraph, tparams), (dgraph, dparams) = nnx.split(small_target), nnx.split(random_draft)
+    p = E.prepare(small_target, random_draft, [prompt] * B, cfg)
+
+    def spec(sp, on_emit=None):
+        tcache, dcache = jax.tree.map(jnp.copy, (p.pre.cache, p.dcache))
+        return E.speculative_generate(tgraph, tparams, dgraph, dparams, tcache, dcache, p.pre.last_logits_BV,
+                                      p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(1), cfg=cfg,
+                                      sampling=sp, on_emit=on_emit)
+
+    def ar(sp, on_emit=None):
+        return A.ar_generate(tgraph, tparams, jax.tree.map(jnp.copy, p.pre.cache), p.pre.last_logits_BV,
+                             p.pre.rope_delta_B, jax.random.key(1), max_new_tokens=cfg.max_new_tokens, sampling=sp,
+                             on_emit=on_emit)
+
+    def tokens(res):
+        t, n = np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B)
+        return [t[b, :n[b]].tolist() for b in range(B)]
+
+    settings = [SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.3, top_k=5),
+                [SamplingParams(temperature=0.5, top_p=0.8, top_k=3), SamplingParams(), SamplingParams(temperature=2.0)],
+                SamplingParams(temperature=2.0, top_k=1)]
+    for run, loop in ((spec, E.speculative_loop), (ar, A.ar_loop)):
+        greedy = tokens(run(None))
+        run(SamplingParams(temperature=1.0))
+        compiled = loop._cache_size()
+        outs = [tokens(run(sp)) for sp in settings]
+        assert loop._cache_size() == compiled, f"{loop.__name__} recompiled for new sampling values"
+        assert outs[-1] == greedy, "top_k 1 must be greedy: the traced settings did not reach the program"
+        assert outs[2][1] == greedy[1], "a temperature-0 row in a sampling batch must be greedy"
+        first = Collect(B)
+        assert tokens(run(settings[0], first)) == first.rows
+        compiled = loop._cache_size()
+        second = Collect(B)
+        assert tokens(run(settings[1], second)) == second.rows
+        assert loop._cache_size() == compiled, f"{loop.__name__} recompiled for a new printer"

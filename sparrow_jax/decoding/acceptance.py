@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from sparrow_jax.decoding.sampling import SamplingParams, target_probs
+from sparrow_jax.decoding.sampling import SamplingArrays, target_probs
 from sparrow_jax.decoding.tree import Tree
 
 
@@ -66,7 +66,7 @@ def accept_greedy(tree: Tree, logits_BNV, depth: int) -> Acceptance:
     return Acceptance(path, n, bonus)
 
 
-def accept_sampling(key, tree: Tree, logits_BNV, depth: int, sp: SamplingParams) -> Acceptance:
+def accept_sampling(key, tree: Tree, logits_BNV, depth: int, sp: SamplingArrays) -> Acceptance:
     B, N, V = logits_BNV.shape
     K = tree.children_BNK.shape[-1]
 

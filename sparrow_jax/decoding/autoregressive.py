@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparrow_jax.decoding.sampling import SamplingParams, select_tokens
+from sparrow_jax.decoding import streaming
+from sparrow_jax.decoding.sampling import SamplingArrays, SamplingParams, as_sampling, select_tokens
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.kv_cache import KVCache, commit
 
@@ -35,16 +36,26 @@ def _is_eos(tok_B, eos_ids):
     return jnp.isin(tok_B, jnp.asarray(eos_ids, jnp.int32))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "impl", "on_emit"),
-         donate_argnames=("cache",))
 def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, *, max_new_tokens: int,
-                sampling: SamplingParams, eos_ids: tuple[int, ...] = (), impl: str = "xla",
-                on_emit=None, key_visible_LBS=None) -> GenerationResult:
+                sampling=None, eos_ids: tuple[int, ...] = (), impl: str = "xla", on_emit=None,
+                key_visible_LBS=None) -> GenerationResult:
     """Generate up to `max_new_tokens` per row after `prefill` (its cache, last logits and rope delta).
-    The cache must have room for them (`cache_capacity`); it is donated. `on_emit(tokens [B, 1],
-    counts [B])` is an optional host hook for streaming (a device->host transfer per step).
-    key_visible_LBS [layers, B, capacity]: the internalization study's visual-KV removal
-    (`target.visual_key_visibility`), applied at every step."""
+    The cache must have room for them (`cache_capacity`); it is donated. `sampling`: None (greedy),
+    SamplingParams (one for all rows or one per row) or SamplingArrays; changing its values reuses the
+    compiled loop. `on_emit(tokens [B, 1], counts [B])` is an optional host hook for streaming (a
+    device->host transfer per step). key_visible_LBS [layers, B, capacity]: the internalization study's
+    visual-KV removal (`target.visual_key_visibility`), applied at every step."""
+    with streaming.hooked(on_emit) as emit_id:
+        return ar_loop(graphdef, params, cache, last_logits_BV, rope_delta_B, key,
+                       as_sampling(sampling, last_logits_BV.shape[0]), emit_id, key_visible_LBS,
+                       max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), impl=impl)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "impl"), donate_argnames=("cache",))
+def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, sampling: SamplingArrays | None = None,
+            emit_id=None, key_visible_LBS=None, *, max_new_tokens: int, eos_ids: tuple[int, ...] = (),
+            impl: str = "xla") -> GenerationResult:
+    """The jitted loop behind `ar_generate` (sampling and the streaming hook id are traced)."""
     model = nnx.merge(graphdef, params)
     B = last_logits_BV.shape[0]
     one_node = jnp.ones((B, 1, 1), bool)
@@ -59,8 +70,7 @@ def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, 
         out = s["tokens"].at[jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)].set(
             jnp.where(active, tok_B, s["tokens"][jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)]))
         n = s["n"] + active
-        if on_emit is not None:
-            jax.debug.callback(on_emit, tok_B[:, None], active.astype(jnp.int32), ordered=True)
+        streaming.emit(emit_id, tok_B[:, None], active.astype(jnp.int32))
         done = s["done"] | (active & _is_eos(tok_B, eos_ids)) | (n >= max_new_tokens)
 
         def forward(cache):
@@ -87,7 +97,7 @@ def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int = 1) -> int:
     return tg.bucket(prompt_len + max_new_tokens + slack)
 
 
-def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams = SamplingParams(), seed: int = 0,
+def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams | None = None, seed: int = 0,
              eos_ids=None, m_star: int | None = None, impl: str = "xla", prepare=None):
     """Convenience host wrapper: prompts -> list of generated token lists (EOS included)."""
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415

@@ -30,7 +30,8 @@ from flax import nnx
 
 from sparrow_jax.decoding.acceptance import accept_greedy, accept_sampling
 from sparrow_jax.decoding.autoregressive import cache_capacity
-from sparrow_jax.decoding.sampling import SamplingParams, select_tokens
+from sparrow_jax.decoding import streaming
+from sparrow_jax.decoding.sampling import SamplingArrays, as_sampling, select_tokens
 from sparrow_jax.decoding.tree import Tree, TreeSpec, select_tree
 from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models import target as tg
@@ -45,14 +46,13 @@ VISUAL_MODES = views.MODES
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
+    """What shapes the compiled loop (a static jit argument). Sampling settings are traced per-row
+    arrays and the streaming hook a traced id, both passed next to it (sampling.py, streaming.py)."""
+
     tree: TreeSpec
     max_new_tokens: int
-    sampling: SamplingParams = SamplingParams()
     eos_ids: tuple[int, ...] = ()
     impl: str = "xla"
-    # Optional host hook fn(tokens [B, L], counts [B]) called as tokens are committed (streaming);
-    # a device->host transfer per round, so leave it None when timing.
-    on_emit: object = None
 
     @property
     def block(self) -> int:
@@ -240,14 +240,15 @@ def draft_phase(target, draft, dcache: KVCache, pend_tok_BL, pend_h_BLD, pend_n_
     return dcache, build_tree(target, draft, dcache, h_root, root, cfg.tree, cfg.impl)
 
 
-def verify_phase(target, tcache: KVCache, tree: Tree, rope_delta_B, key, cfg: EngineConfig):
-    """Target forward over the tree and the acceptance rule."""
+def verify_phase(target, tcache: KVCache, tree: Tree, rope_delta_B, key, cfg: EngineConfig,
+                 sampling: SamplingArrays | None = None):
+    """Target forward over the tree and the acceptance rule (greedy when `sampling` is None)."""
     tpos = (tcache.lengths_B + rope_delta_B)[:, None] + tree.depth_BN
     v = tg.verify_fn(target, tcache, tree.tokens_BN, tpos, tree.ancestors_BNN, cfg.impl)
-    if cfg.sampling.greedy:
+    if sampling is None:
         acc = accept_greedy(tree, v.logits_BNV, cfg.tree.max_draft_tokens)
     else:
-        acc = accept_sampling(key, tree, v.logits_BNV, cfg.tree.max_draft_tokens, cfg.sampling)
+        acc = accept_sampling(key, tree, v.logits_BNV, cfg.tree.max_draft_tokens, sampling)
     return v, acc
 
 
@@ -271,26 +272,31 @@ def check_capacity(tcache: KVCache, dcache: KVCache, cfg: EngineConfig):
 
 
 def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
-                         last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig) -> SpecResult:
+                         last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig, sampling=None,
+                         on_emit=None) -> SpecResult:
     """Generate up to cfg.max_new_tokens per row after both prefills (`prepare`); one compiled
-    while_loop (`speculative_loop`). The caches are checked for room (`check_capacity`), then donated."""
+    while_loop (`speculative_loop`). The caches are checked for room (`check_capacity`), then donated.
+    `sampling`: None (greedy), SamplingParams (one for all rows or one per row) or SamplingArrays;
+    changing its values reuses the compiled loop. `on_emit(tokens [B, L], counts [B])`: an optional
+    host hook called as tokens are committed (streaming; a device->host transfer per round)."""
     check_capacity(tcache, dcache, cfg)
-    return speculative_loop(tgraph, tparams, dgraph, dparams, tcache, dcache, last_logits_BV, last_hidden_BD,
-                            rope_delta_B, key, cfg=cfg)
+    with streaming.hooked(on_emit) as emit_id:
+        return speculative_loop(tgraph, tparams, dgraph, dparams, tcache, dcache, last_logits_BV, last_hidden_BD,
+                                rope_delta_B, key, as_sampling(sampling, last_logits_BV.shape[0]), emit_id, cfg=cfg)
 
 
 @partial(jax.jit, static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
 def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
-                     last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig) -> SpecResult:
+                     last_hidden_BD, rope_delta_B, key, sampling: SamplingArrays | None = None, emit_id=None, *,
+                     cfg: EngineConfig) -> SpecResult:
     """The jitted loop behind `speculative_generate`; it trusts the caches to have room (no check)."""
     target, draft = nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams)
     B = last_logits_BV.shape[0]
     M, L = cfg.max_new_tokens, cfg.block
     arL = jnp.arange(L)
     key, k0 = jax.random.split(key)
-    r0 = select_tokens(k0, last_logits_BV, cfg.sampling)
-    if cfg.on_emit is not None:
-        jax.debug.callback(cfg.on_emit, r0[:, None], jnp.ones((B,), jnp.int32), ordered=True)
+    r0 = select_tokens(k0, last_logits_BV, sampling)
+    streaming.emit(emit_id, r0[:, None], jnp.ones((B,), jnp.int32))
     init = dict(
         tcache=tcache, dcache=dcache,
         out=jnp.zeros((B, M + L), jnp.int32).at[:, 0].set(r0), n_out=jnp.ones((B,), jnp.int32),
@@ -308,7 +314,7 @@ def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: 
         active = ~s["done"]
         dcache, tree = draft_phase(target, draft, s["dcache"], s["pend_tok"], s["pend_h"], s["pend_n"], active, cfg)
         key, k_acc = jax.random.split(s["key"])
-        v, acc = verify_phase(target, s["tcache"], tree, rope_delta_B, k_acc, cfg)
+        v, acc = verify_phase(target, s["tcache"], tree, rope_delta_B, k_acc, cfg, sampling)
         n = acc.num_accepted_B
         tcache = commit(s["tcache"], v.block_kv, acc.path_BL, jnp.where(active, n, 0))
         # Emitted this round: accepted drafts (path[1:n]) then the bonus token.
@@ -317,8 +323,7 @@ def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: 
         eos_hit = _is_eos(emit, cfg.eos_ids) & (arL[None] < n[:, None])
         count = jnp.where(eos_hit.any(-1), jnp.argmax(eos_hit, -1) + 1, n)
         count = jnp.where(active, jnp.minimum(count, M - s["n_out"]), 0)
-        if cfg.on_emit is not None:
-            jax.debug.callback(cfg.on_emit, emit, count, ordered=True)
+        streaming.emit(emit_id, emit, count)
         out = jax.vmap(lambda o, e, at: jax.lax.dynamic_update_slice(o, e, (at,)))(s["out"], emit, s["n_out"])
         out = jnp.where(active[:, None], out, s["out"])
         n_out = s["n_out"] + count
@@ -390,21 +395,24 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
     return Prepared(pre, dcache, batch, lay, h_BPD)
 
 
-def generate(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only", seed: int = 0,
-             keep_fraction: float | None = None, prune_by: str | None = None, prepare_batch=None,
+def generate(target_model, draft_model, prompts, cfg: EngineConfig, *, sampling=None, mode: str = "text_only",
+             seed: int = 0, keep_fraction: float | None = None, prune_by: str | None = None, prepare_batch=None,
              allow_view_mismatch: bool = False):
-    """prompts -> (list of token lists, SpecResult). Convenience for tests and scripts."""
+    """prompts -> (list of token lists, SpecResult). Convenience for tests and scripts; `sampling` as
+    in `speculative_generate`."""
     p = prepare(target_model, draft_model, prompts, cfg, mode=mode, keep_fraction=keep_fraction, prune_by=prune_by,
                 prepare_batch=prepare_batch, allow_view_mismatch=allow_view_mismatch)
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)
     res = speculative_generate(tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV,
-                               p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(seed), cfg=cfg)
+                               p.pre.last_hidden_BD, p.pre.rope_delta_B, jax.random.key(seed), cfg=cfg,
+                               sampling=sampling)
     toks, n = np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B)
     return [toks[b, :n[b]].tolist() for b in range(len(prompts))], res
 
 
-def profile_phases(target_model, draft_model, prepared: Prepared, cfg: EngineConfig, repeats: int = 5) -> dict:
+def profile_phases(target_model, draft_model, prepared: Prepared, cfg: EngineConfig, repeats: int = 5,
+                   sampling=None) -> dict:
     """Median wall time (s) of one round's draft phase and verify phase, each jitted alone on the state
     right after prefill — the per-round split the fused loop cannot report."""
     import time  # noqa: PLC0415
@@ -418,6 +426,7 @@ def profile_phases(target_model, draft_model, prepared: Prepared, cfg: EngineCon
     pend_h = jnp.zeros((B, L, prepared.pre.last_hidden_BD.shape[-1]), prepared.pre.last_hidden_BD.dtype)
     pend_h = pend_h.at[:, 0].set(prepared.pre.last_hidden_BD)
     pend_n, active = jnp.ones((B,), jnp.int32), jnp.ones((B,), bool)
+    sampling = as_sampling(sampling, B)
 
     @jax.jit
     def draft_only(tp, dp, dcache):
@@ -425,7 +434,7 @@ def profile_phases(target_model, draft_model, prepared: Prepared, cfg: EngineCon
 
     @jax.jit
     def verify_only(tp, tcache, tree, key):
-        return verify_phase(nnx.merge(tgraph, tp), tcache, tree, prepared.pre.rope_delta_B, key, cfg)
+        return verify_phase(nnx.merge(tgraph, tp), tcache, tree, prepared.pre.rope_delta_B, key, cfg, sampling)
 
     def timed(fn, *args):
         jax.block_until_ready(fn(*args))
