@@ -51,3 +51,22 @@ def read_jsonl_by_key(path, key) -> dict:
                 r = json.loads(line)
                 out[key(r)] = r
     return out
+
+
+def parse_draft_args(ap, draft_specs, random_specs, known) -> dict:
+    """`--draft NAME=DIR` (repeatable) and `--random-draft NAME[,NAME]` -> {name: Path or None (random)};
+    a usage error (ap.error) for a malformed spec, a name not in `known`, or a DIR without config.json."""
+    drafts = {}
+    for spec in draft_specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            ap.error(f"--draft {spec!r}: expected NAME=DIR, e.g. sparrow=shipped/drafts/sparrow")
+        drafts[name] = Path(path)
+    for spec in random_specs:
+        drafts.update({name: None for name in spec.split(",") if name})
+    for name, path in drafts.items():
+        if name not in known:
+            ap.error(f"method {name!r}: expected one of {known}")
+        if path is not None and not (path / "config.json").is_file():
+            ap.error(f"--draft {name}={path}: no config.json there (a draft checkpoint directory is expected)")
+    return drafts

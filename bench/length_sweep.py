@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, read_jsonl_by_key, write_jsonl  # noqa: E402
+from common import environment, parse_draft_args, read_jsonl_by_key, write_jsonl  # noqa: E402
 
 DEFAULT_LENGTHS, DEFAULT_SCENES = "8,32,96,256,1024", "4,4,2,2,1"
 DEFAULT_TARGET = HERE.parent / "shipped" / "tiny-qwen2.5-vl"
@@ -128,19 +128,7 @@ def check_args(ap, args) -> None:
             ap.error(f"--{flag.replace('_', '-')} {v}: must be positive")
     if args.target and args.config:
         ap.error("give --target (trained weights) or --config (random init), not both")
-    methods = {}
-    for spec in args.draft:
-        name, sep, path = spec.partition("=")
-        if not sep or not path:
-            ap.error(f"--draft {spec!r}: expected NAME=DIR, e.g. sparrow=shipped/drafts/sparrow")
-        methods[name] = Path(path)
-    for spec in args.random_draft:
-        methods.update({name: None for name in spec.split(",") if name})
-    for name, path in methods.items():
-        if name not in METHOD_MODE:
-            ap.error(f"method {name!r}: expected one of {sorted(METHOD_MODE)}")
-        if path is not None and not (path / "config.json").is_file():
-            ap.error(f"--draft {name}={path}: no config.json there (a draft checkpoint directory is expected)")
+    methods = parse_draft_args(ap, args.draft, args.random_draft, sorted(METHOD_MODE))
     args.methods = methods
     try:
         args.tree_default = TreeSpec.parse(args.tree)

@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, write_jsonl  # noqa: E402
+from common import environment, parse_draft_args, write_jsonl  # noqa: E402
 
 DEFAULT_TARGET = HERE.parent / "shipped" / "tiny-qwen2.5-vl"
 SHIPPED_DRAFTS = {"sparrow": HERE.parent / "shipped" / "drafts" / "sparrow",
@@ -137,19 +137,7 @@ def check_args(ap, args) -> None:
         args.tree = TreeSpec.parse(args.tree)
     except ValueError as e:
         ap.error(f"--tree {args.tree!r}: {e}")
-    drafts = {}
-    for spec in args.draft:
-        name, sep, path = spec.partition("=")
-        if not sep or not path:
-            ap.error(f"--draft {spec!r}: expected NAME=DIR, e.g. sparrow=shipped/drafts/sparrow")
-        drafts[name] = Path(path)
-    for spec in args.random_draft:
-        drafts.update({n: None for n in spec.split(",") if n})
-    for name, path in drafts.items():
-        if name not in DRAFT_METHODS:
-            ap.error(f"method {name!r}: expected one of {DRAFT_METHODS}")
-        if path is not None and not (path / "config.json").is_file():
-            ap.error(f"--draft {name}={path}: no config.json there (a draft checkpoint directory is expected)")
+    drafts = parse_draft_args(ap, args.draft, args.random_draft, DRAFT_METHODS)
     target = Path(args.target) if args.target else DEFAULT_TARGET
     if not (target / "config.json").is_file():
         ap.error(f"--target {target}: no config.json there (a HF checkpoint directory is expected)")
