@@ -473,6 +473,8 @@ class SpecDecoder:
         config = self._config(config, overrides)
         check_for_target(config.settings(), self.target.cfg)
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(config.sampling, tuple) and len(config.sampling) != len(texts):
+            raise ValueError(f"sampling: {len(config.sampling)} per-row settings for {len(texts)} prompt(s)")
         rows = self.processor(texts, videos, images, config.vision)
         self.processor.check_context(rows, config.max_new_tokens)
         run = self.run(rows, config)
