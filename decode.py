@@ -31,6 +31,9 @@ Trees use EAGLE-2's / the released Sparrow code's notation TOTAL-DEPTH-TOPK (`to
 up to DEPTH + 1 draft tokens (48-5-10: up to 6); TOPK children per expanded node. The default
 `--tree auto` takes the tree stored next to the draft (<draft>/tree_choice.json, measured by
 bench/tree_search.py on a backend) for the prompt's visual length, else 48-5-10 (printed with the reason).
+
+decode.py is a CLI over the Python API (sparrow_jax/api.py, README "Python API"): its flags build one
+DecodeConfig, which runs the engine and is written into every --jsonl line ("config").
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 
-from sparrow_jax.models import views  # noqa: E402 — light (numpy only): mode names for --help
-from sparrow_jax.models.views import MODE_VIEW  # noqa: E402
+from sparrow_jax.models.views import MODE_VIEW  # noqa: E402 — light (numpy only): mode names for --help
 
 
 def parse_args(argv=None):

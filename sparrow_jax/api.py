@@ -24,7 +24,6 @@ import os
 import time
 import types
 from collections.abc import Callable, Mapping, Sequence
-from functools import cached_property
 from pathlib import Path
 
 import jax
@@ -239,8 +238,7 @@ class Processor:
         self.cfg = cfg
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.tokenizer_dir = tokenizer_dir
-        if codec is not None:
-            self.__dict__["codec"] = codec  # fills the cached property
+        self._codec = codec
 
     @classmethod
     def from_pretrained(cls, target_dir) -> Processor:
@@ -259,10 +257,12 @@ class Processor:
         p = Path(path)
         return cls(cfg, model_dir=p if p.is_dir() else p.parent, tokenizer_dir=tokenizer_dir)
 
-    @cached_property
+    @property
     def codec(self):
         """Text <-> ids (loaded on first use: a bad tokenizer is reported after the settings)."""
-        return load_codec(self.tokenizer_dir, self.cfg.text.vocab_size)
+        if self._codec is None:
+            self._codec = load_codec(self.tokenizer_dir, self.cfg.text.vocab_size)
+        return self._codec
 
     def _json(self, name: str) -> Path | None:
         p = None if self.model_dir is None else self.model_dir / name
