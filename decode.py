@@ -31,6 +31,9 @@ Trees use EAGLE-2's / the released Sparrow code's notation TOTAL-DEPTH-TOPK (`to
 up to DEPTH + 1 draft tokens (48-5-10: up to 6); TOPK children per expanded node. The default
 `--tree auto` takes the tree stored next to the draft (<draft>/tree_choice.json, measured by
 bench/tree_search.py on a backend) for the prompt's visual length, else 48-5-10 (printed with the reason).
+
+decode.py is a CLI over the Python API (sparrow_jax/api.py, README "Python API"): its flags build one
+DecodeConfig, which runs the engine and is written into every --jsonl line ("config").
 """
 
 from __future__ import annotations
@@ -39,15 +42,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 
-from sparrow_jax.models import views  # noqa: E402 — light (numpy only): mode names for --help
-from sparrow_jax.models.views import MODE_VIEW  # noqa: E402
+from sparrow_jax.models.views import MODE_VIEW  # noqa: E402 — light (numpy only): mode names for --help
 
 
 def parse_args(argv=None):
@@ -138,41 +138,28 @@ def fail(message: str, code: int):
     raise SystemExit(code)
 
 
+def cli_flag(setting: str) -> str:
+    """A DecodeConfig setting as its command-line flag (messages of the shared checks)."""
+    return "--" + setting.replace("_", "-")
+
+
+def settings(args) -> dict:
+    """The flags as the decode settings api.check_settings / check_for_target read (None = not given)."""
+    return {key: getattr(args, key) for key in (
+        "mode", "tree", "max_new_tokens", "m_star", "keep_fraction", "prune_by", "temperature", "top_p", "top_k",
+        "fps", "max_frames", "min_pixels", "max_pixels", "num_frames", "max_visual_tokens")}
+
+
 def check_args(args):
     """Usage errors found from the arguments alone (before anything is read or loaded)."""
-    from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
+    from sparrow_jax import api  # noqa: PLC0415
 
-    positive = {"--max-new-tokens": args.max_new_tokens, "--repeats": args.repeats, "--fps": args.fps,
-                "--max-frames": args.max_frames, "--num-frames": args.num_frames, "--max-pixels": args.max_pixels,
-                "--min-pixels": args.min_pixels, "--max-visual-tokens": args.max_visual_tokens,
-                "--m-star": args.m_star}
-    for flag, value in positive.items():
-        if value is not None and not value > 0:
-            raise UsageError(f"{flag} {value}: must be positive")
-    if args.min_pixels and args.max_pixels and args.min_pixels > args.max_pixels:
-        raise UsageError(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p {args.top_p}: must be in (0, 1]")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k {args.top_k}: must be >= 0 (0 = off)")
-    if args.mode != "pruned_visual":
-        for flag, value in (("--keep-fraction", args.keep_fraction), ("--prune-by", args.prune_by)):
-            if value is not None:
-                raise UsageError(f"{flag} applies to --mode pruned_visual only (mode is {args.mode})")
-    if args.keep_fraction is not None and not 0 < args.keep_fraction <= 1:
-        raise UsageError(f"--keep-fraction {args.keep_fraction}: must be in (0, 1] (the share of visual positions "
-                         "the draft keeps)")
-    if args.tree == "auto":  # resolved once the prompts are built (tree_choice.auto_tree)
-        tree = None
-    else:
-        try:
-            tree = TreeSpec.parse(args.tree)
-        except ValueError as e:
-            raise UsageError(f"--tree {args.tree}: {str(e).removeprefix(f'tree {args.tree!r}: ')}; the notation is "
-                             "TOTAL-DEPTH-TOPK (e.g. 48-5-10: 48 nodes with the root, 5 expansion steps, top-10), "
-                             "chainN (N draft tokens, e.g. chain4) or auto") from None
+    try:
+        tree = api.check_settings(settings(args), cli_flag)
+    except api.DecodeConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.repeats is not None and not args.repeats > 0:
+        raise UsageError(f"--repeats {args.repeats}: must be positive")
     if args.jsonl:
         check_writable(args.jsonl, "--jsonl")
     return tree
@@ -194,21 +181,34 @@ def check_writable(path, flag: str):
         raise UsageError(f"{flag} {path}: directory {parent} is not writable")
 
 
-def check_args_for_target(args, cfg, tree):
+def check_args_for_target(args, cfg):
     """Usage errors that need the target's config.json (read before any weights)."""
-    L, V = cfg.num_layers, cfg.text.vocab_size
-    if args.m_star is not None and not 0 < args.m_star < L:
-        raise UsageError(f"--m-star {args.m_star}: must be inside the target's decoder stack (1..{L - 1})")
-    if args.top_k > V:
-        raise UsageError(f"--top-k {args.top_k}: exceeds the target's vocabulary of {V} tokens")
-    if args.mode != "ar" and tree is not None and tree.top_k > V:
-        raise UsageError(f"--tree {args.tree}: top-k {tree.top_k} exceeds the target's vocabulary of {V} tokens")
-    if cfg.family == "llava_onevision":
-        for flag, value in (("--fps", args.fps), ("--max-frames", args.max_frames), ("--min-pixels", args.min_pixels),
-                            ("--max-pixels", args.max_pixels)):
-            if value is not None:
-                raise UsageError(f"{flag} applies to Qwen2.5-VL targets; a LLaVA-OneVision target samples "
-                                 "--num-frames frames per video at its own tile size")
+    from sparrow_jax import api  # noqa: PLC0415
+
+    try:
+        api.check_for_target(settings(args), cfg, cli_flag)
+    except api.DecodeConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def decode_config(args):
+    """The run's one DecodeConfig, from the flags (after demo.resolve_defaults filled the defaults): it
+    runs the engine and is written into every JSON line."""
+    from sparrow_jax import api  # noqa: PLC0415
+
+    return api.DecodeConfig(
+        mode=args.mode, tree=args.tree, max_new_tokens=args.max_new_tokens,
+        sampling=api.SamplingParams(args.temperature, args.top_p, args.top_k), seed=args.seed,
+        attention=args.attention, m_star=args.m_star, keep_fraction=args.keep_fraction, prune_by=args.prune_by,
+        force_view=args.force_view, vision=vision_options(args))
+
+
+def vision_options(args):
+    from sparrow_jax import api  # noqa: PLC0415
+
+    return api.VisionOptions(fps=args.fps, max_frames=args.max_frames, min_pixels=args.min_pixels,
+                             max_pixels=args.max_pixels, num_frames=args.num_frames,
+                             max_visual_tokens=args.max_visual_tokens)
 
 
 def check_input_files(args):
@@ -222,24 +222,6 @@ def check_input_files(args):
                 raise VisionInputError(f"{path}: not readable ({flag})")
 
 
-def check_prompt_context(prompts, cfg, max_new_tokens: int):
-    """Refuse prompts that run past the target's context, before any weights are read (the rule of
-    target.check_context, on the prompts' lengths and M-RoPE deltas)."""
-    import types  # noqa: PLC0415
-
-    from sparrow_jax.models import target as tg  # noqa: PLC0415
-
-    lengths = [len(p.input_ids) for p in prompts]
-    if cfg.family == "qwen2_5_vl":
-        from sparrow_jax.models.qwen2_5_vl import rope_index  # noqa: PLC0415
-
-        deltas = [rope_index(p.input_ids, p.mm_token_type_ids, [v.grid_thw for v in p.visuals],
-                             [v.second_per_grid_t for v in p.visuals], cfg)[1] for p in prompts]
-    else:
-        deltas = [0] * len(prompts)
-    tg.check_context(types.SimpleNamespace(lengths_B=lengths, rope_delta_B=deltas), cfg.text, max_new_tokens)
-
-
 def model_dir(args) -> Path | None:
     """The directory holding the target's config.json (and its preprocessor JSON files, tokenizer)."""
     path = args.target or args.config
@@ -249,80 +231,30 @@ def model_dir(args) -> Path | None:
     return p if p.is_dir() else p.parent
 
 
-def max_visual_tokens(args, cfg) -> int:
-    from sparrow_jax.io.vision_inputs import default_max_visual_tokens  # noqa: PLC0415
-
-    return args.max_visual_tokens or default_max_visual_tokens(cfg.text.max_position_embeddings)
-
-
-def qwen_preprocessing(args, cfg):
-    """(video, image) VisionPreprocessConfig of the target: its vision config, its
-    video_preprocessor_config.json / preprocessor_config.json when present (a video falls back to the
-    image file, as transformers does), then the explicit CLI flags and the visual-token budget."""
-    from sparrow_jax.io.vision_inputs import VisionPreprocessConfig  # noqa: PLC0415
-
-    d = model_dir(args)
-    image_json = d / "preprocessor_config.json" if d and (d / "preprocessor_config.json").is_file() else None
-    video_json = d / "video_preprocessor_config.json" if d and (d / "video_preprocessor_config.json").is_file() \
-        else image_json
-    pixels = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v is not None}
-    frames = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames)) if v is not None}
-    budget = max_visual_tokens(args, cfg)
-    vcfg = VisionPreprocessConfig.for_model(cfg.vision, video=True, preprocessor_json=video_json,
-                                            max_visual_tokens=budget, **pixels, **frames)
-    icfg = VisionPreprocessConfig.for_model(cfg.vision, video=False, preprocessor_json=image_json,
-                                            max_visual_tokens=budget, **pixels)
-    return vcfg, icfg
+def cli_rows(args):
+    """(texts, videos, images), one entry per row: one row per --prompt, --video then --image attached to
+    the rows in order (None: no visual), the last prompt repeated for visuals past the prompts."""
+    texts = list(args.prompt or ["What is moving in this video?"])
+    visuals = [("video", v) for v in args.video] + [("image", i) for i in args.image]
+    texts += [texts[-1]] * (len(visuals) - len(texts))
+    visuals += [(None, None)] * (len(texts) - len(visuals))
+    return (texts, [v if k == "video" else None for k, v in visuals],
+            [v if k == "image" else None for k, v in visuals])
 
 
-def build_llava_prompts(args, cfg, codec, prompts_text, videos):
-    """LLaVA-OneVision rows: chat prefix, one visual (anyres image or uniformly sampled video), question."""
-    from sparrow_jax.io.llava_inputs import (  # noqa: PLC0415
-        LlavaPreprocessConfig, build_prompt, preprocess_image, preprocess_video)
-    from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX  # noqa: PLC0415
+def build_prompts(args, cfg, codec, workdir=None):
+    """(texts, prompts) of the run (api.Processor with the target's preprocessor files); prints what the
+    preprocessing applied to each visual."""
+    from sparrow_jax import api  # noqa: PLC0415
 
-    d = model_dir(args)
-    pcfg = (LlavaPreprocessConfig.from_hf_preprocessor_json(d / "preprocessor_config.json")
-            if d and (d / "preprocessor_config.json").is_file() else None)
-    budget = max_visual_tokens(args, cfg)
-    visuals = ([preprocess_video(v, cfg, pcfg, num_frames=args.num_frames, max_visual_tokens=budget) for v in videos] +
-               [preprocess_image(i, cfg, pcfg) for i in args.image])
-    for v in visuals:
-        if v.summary:
-            print(f"[decode] {v.kind} {v.summary}")
-    if len(visuals) > len(prompts_text):
-        prompts_text += [prompts_text[-1]] * (len(visuals) - len(prompts_text))
-    out = []
-    for i, text in enumerate(prompts_text):
-        segs = [codec.encode(QWEN_USER_PREFIX)] + ([visuals[i]] if i < len(visuals) else [])
-        out.append(build_prompt(segs + [codec.encode("\n" + text + QWEN_ASSISTANT_PREFIX)], cfg))
-    return prompts_text, out
-
-
-def build_prompts(args, cfg, codec, workdir):
-    from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX  # noqa: PLC0415
-    from sparrow_jax.io.vision_inputs import (  # noqa: PLC0415
-        VisionTokenIds, build_multimodal_prompt, preprocess_image, preprocess_video)
-
-    prompts_text = args.prompt or ["What is moving in this video?"]
-    videos = list(args.video)  # no inputs at all: demo.resolve_defaults has put the world sample here
-    if cfg.family == "llava_onevision":
-        return build_llava_prompts(args, cfg, codec, prompts_text, videos)
-    vcfg, icfg = qwen_preprocessing(args, cfg)
-    visuals = [preprocess_video(v, vcfg) for v in videos] + [preprocess_image(i, icfg) for i in args.image]
-    for v in visuals:
-        print(f"[decode] {v.kind} {v.summary}")
-    if len(visuals) > len(prompts_text):
-        prompts_text += [prompts_text[-1]] * (len(visuals) - len(prompts_text))
-    ids = VisionTokenIds(cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id)
-    out = []
-    for i, text in enumerate(prompts_text):
-        segs = [codec.encode(QWEN_USER_PREFIX)]
-        if i < len(visuals):
-            segs.append(visuals[i])
-        segs.append(codec.encode(text + QWEN_ASSISTANT_PREFIX))
-        out.append(build_multimodal_prompt(segs, ids))
-    return prompts_text, out
+    del workdir
+    texts, videos, images = cli_rows(args)
+    prompts = api.Processor(cfg, model_dir=model_dir(args), codec=codec)(texts, videos, images, vision_options(args))
+    for p in prompts:
+        for v in p.visuals:
+            if v.summary:
+                print(f"[decode] {v.kind} {v.summary}")
+    return texts, prompts
 
 
 def first_mismatch(tokens_a, n_a, tokens_b, n_b):
@@ -364,124 +296,73 @@ def main(argv=None):
     sample, notes = demo.resolve_defaults(args)  # shipped target/draft; no inputs: the world sample video
     for note in notes:
         print(f"[decode] {note}", flush=True)
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
+    import dataclasses  # noqa: PLC0415
 
-    from sparrow_jax.decoding import engine as E  # noqa: PLC0415
-    from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity  # noqa: PLC0415
-    from sparrow_jax.decoding.metrics import DEFINITIONS, acceptance_summary, speed_summary  # noqa: PLC0415
-    from sparrow_jax.decoding.sampling import SamplingParams  # noqa: PLC0415
-    from sparrow_jax.io.draft_checkpoint import import_official  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from sparrow_jax import api  # noqa: PLC0415
+    from sparrow_jax.decoding.metrics import DEFINITIONS, speed_summary  # noqa: PLC0415
     from sparrow_jax.io.hf_checkpoint import CheckpointError  # noqa: PLC0415
-    from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import VisionInputError  # noqa: PLC0415
-    from sparrow_jax.models import target as tg  # noqa: PLC0415
-    from sparrow_jax.models.draft import DraftConfig, DraftConfigError, SparrowDraft  # noqa: PLC0415
-    from sparrow_jax.models import registry  # noqa: PLC0415
+    from sparrow_jax.models.draft import DraftConfigError  # noqa: PLC0415
     from sparrow_jax.models.qwen2_5_vl import ConfigError  # noqa: PLC0415
 
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     visual_mode = "text_only" if args.mode == "sparrow" else args.mode if args.mode in MODE_VIEW else None
-    sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
-    # --m-star overrides the bridge layer the draft was trained with (stored in its config); unset,
-    # the engine uses the draft's own m* (or the default rule for a draft that records none).
-    m_star = args.m_star
+    try:
+        config = decode_config(args)  # the flags passed check_args: this only packs them
+    except api.DecodeConfigError as e:
+        fail(e, 2)
     # Order: arguments, the target's config.json, input files and their preprocessing, then weights.
     try:
-        cfg = registry.config_from_dict(*registry.read_config_dict(args.target or args.config))
+        processor = (api.Processor.from_pretrained(args.target) if args.target else
+                     api.Processor.from_config(args.config, tokenizer_dir=args.tokenizer))
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         fail(e, 1)
+    cfg = processor.cfg
     try:
-        check_args_for_target(args, cfg, tree)
+        check_args_for_target(args, cfg)
     except UsageError as e:
         fail(e, 2)
     try:
         check_input_files(args)
-        codec = load_codec(args.target or args.tokenizer, cfg.text.vocab_size)
-        with tempfile.TemporaryDirectory() as workdir:
-            texts, prompts = build_prompts(args, cfg, codec, workdir)
-        check_prompt_context(prompts, cfg, args.max_new_tokens)
+        codec = processor.codec
+        texts, prompts = build_prompts(args, cfg, codec)
+        processor.check_context(prompts, args.max_new_tokens)
         if tree is None:  # --tree auto: the draft's stored choice for the longest row's visual tokens
-            from sparrow_jax.decoding import tree_choice  # noqa: PLC0415
-
-            nvis = max(tree_choice.visual_tokens(p) for p in prompts)
-            tree, note = tree_choice.auto_tree(args.draft, nvis, jax.default_backend())
+            tree, note = api.resolve_tree(args.tree, args.draft, prompts)
             if visual_mode is not None:
                 print(f"[decode] {note}", flush=True)
-        draft, draft_source = None, None
-        if visual_mode is not None or args.compare_ar:
-            if args.draft:
-                draft = import_official(args.draft, target_cfg=cfg, dtype=dtype)
-                draft_source = args.draft
-            else:
-                view = views.view_for_mode(visual_mode or "text_only")
-                draft = SparrowDraft(DraftConfig.for_target(cfg, visual_view=view), rngs=nnx.Rngs(args.seed + 1),
-                                     dtype=dtype)
-                draft_source = "random draft (lossless, but rarely accepted)"
-            if visual_mode is not None:
-                views.check_draft_view(draft.cfg.visual_view, visual_mode, allow_mismatch=args.force_view,
-                                       source=f"draft {draft_source}")
+        # The draft is loaded (and its fit checked) when a speculative run needs it.
+        draft_dir = args.draft if visual_mode is not None or args.compare_ar else None
+        common = dict(config=config, dtype=args.dtype, seed=args.seed, processor=processor)
         if args.target:
-            model = registry.load_target(args.target, dtype=dtype)
-            source = args.target
+            decoder = api.SpecDecoder.from_pretrained(args.target, draft_dir, **common)
         else:
-            model = registry.build_target(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype)
-            source = f"random init of {args.config} (no trained weights shipped yet)"
-        cfg = model.cfg
+            decoder = api.SpecDecoder.from_config(args.config, draft_dir, **common,
+                                                  source=f"random init of {args.config} (no trained weights shipped yet)")
+        cfg = decoder.target.cfg
     except (CheckpointError, ConfigError, DraftConfigError, VisionInputError, ValueError, OSError) as e:
         fail(e, 1)
-    print(f"[decode] target: {source}\n[decode] tokenizer: {codec.name}\n[decode] backend: {jax.default_backend()}, "
-          f"dtype {args.dtype}, batch {len(prompts)}, mode {args.mode}" +
-          (f", tree {tree}, draft: {draft_source}" if visual_mode else ""))
+    print(f"[decode] target: {decoder.target_source}\n[decode] tokenizer: {codec.name}\n[decode] backend: "
+          f"{jax.default_backend()}, dtype {args.dtype}, batch {len(prompts)}, mode {args.mode}" +
+          (f", tree {tree}, draft: {decoder.draft_source}" if visual_mode else ""))
 
     B = len(prompts)
-    tgraph, tparams = nnx.split(model)
     stream = None if (args.no_stream or args.compare_ar) else StreamPrinter(codec, B)
-    eos = tuple(cfg.eos_token_ids)
-    key = jax.random.key(args.seed)
-    # Built once: AR and speculative runs share its cache capacity rule (cache_capacity + cache_slack).
-    ecfg = E.EngineConfig(tree=tree, max_new_tokens=args.max_new_tokens, eos_ids=eos, impl=args.attention)
+    # Both runs take their cache capacity from the tree (cache_capacity + the engine's cache slack).
+    ar_config = dataclasses.replace(config, mode="ar")
 
     def run_ar(on_emit=None):
-        t0 = time.perf_counter()
-        batch = registry.prepare_batch_for(cfg)(prompts, cfg)
-        tg.check_context(batch, cfg.text, args.max_new_tokens)
-        T = batch.input_ids_BT.shape[1]
-        capacity = cache_capacity(T, args.max_new_tokens, ecfg.cache_slack)
-        pre = jax.block_until_ready(tg.prefill(tgraph, tparams, batch, capacity=capacity,
-                                               m_star=m_star or tg.default_m_star(cfg.num_layers), impl=args.attention))
-        t1 = time.perf_counter()
-        res = jax.block_until_ready(ar_generate(tgraph, tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
-                                                max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
-                                                impl=args.attention, on_emit=on_emit))
-        t2 = time.perf_counter()
-        return dict(tokens=np.asarray(res.tokens_BM), n=np.asarray(res.num_tokens_B), prefill_s=t1 - t0,
-                    decode_s=t2 - t1, batch=batch)
+        return decoder.run(prompts, ar_config, tree=tree, on_emit=on_emit)
 
     def run_spec(on_emit=None):
-        dgraph, dparams = nnx.split(draft)
-        t0 = time.perf_counter()
-        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
-                      prune_by=args.prune_by, m_star=m_star, allow_view_mismatch=args.force_view)
-        jax.block_until_ready((p.pre, p.dcache))
-        t1 = time.perf_counter()
-        res = jax.block_until_ready(E.speculative_generate(
-            tgraph, tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV, p.pre.last_hidden_BD,
-            p.pre.rope_delta_B, key, cfg=ecfg, sampling=sampling, on_emit=on_emit))
-        t2 = time.perf_counter()
-        return dict(tokens=np.asarray(res.tokens_BM), n=np.asarray(res.num_tokens_B), prefill_s=t1 - t0,
-                    decode_s=t2 - t1, batch=p.batch, accepted=np.asarray(res.accepted_BR),
-                    cut=np.asarray(res.cut_BR))
+        return decoder.run(prompts, config, tree=tree, on_emit=on_emit)
 
     def median_of(results):
         """The last run's outputs with the median prefill and decode times of all runs."""
-        out = dict(results[-1])
-        for k in ("prefill_s", "decode_s"):
-            out[k + "_runs"] = [r[k] for r in results]
-            out[k] = float(np.median(out[k + "_runs"]))
-        return out
+        return dataclasses.replace(results[-1], prefill_s=float(np.median([r.prefill_s for r in results])),
+                                   decode_s=float(np.median([r.decode_s for r in results])))
 
     runs = {}
     try:
@@ -508,49 +389,41 @@ def main(argv=None):
     if stream is not None:
         print()
     main_run = runs.get("spec", runs.get("ar"))
-    batch = main_run["batch"]
-    record = {"mode": args.mode, "target": source, "draft": draft_source, "tree": str(tree) if visual_mode else None,
-              "max_draft_tokens": tree.max_draft_tokens if visual_mode else None,
-              "m_star": m_star if m_star is not None else (
-                  draft.cfg.m_star if draft is not None and draft.cfg.m_star is not None
-                  else tg.default_m_star(cfg.num_layers)),
-              "batch": B, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-              "prefill_s": main_run["prefill_s"], "decode_s": main_run["decode_s"],
-              "timed_runs": args.repeats if args.compare_ar else 1, "first_call_includes_compile": not args.compare_ar}
-    print(f"[decode] prompt bucket {batch.input_ids_BT.shape[1]} tokens; prefill {main_run['prefill_s']:.2f}s, "
-          f"decode {main_run['decode_s']:.2f}s ({int(main_run['n'].sum())} tokens"
+    batch = main_run.batch
+    # The API's record (mode, target, draft, tree, m*, sampling, timings, tau, the DecodeConfig), then
+    # what only the CLI knows: how it timed, the AR comparison, the per-phase profile.
+    record = decoder.record(main_run)
+    record.update(timed_runs=args.repeats if args.compare_ar else 1, first_call_includes_compile=not args.compare_ar)
+    print(f"[decode] prompt bucket {batch.input_ids_BT.shape[1]} tokens; prefill {main_run.prefill_s:.2f}s, "
+          f"decode {main_run.decode_s:.2f}s ({int(main_run.num_tokens_B.sum())} tokens"
           f"{'; first call includes compilation' if not args.compare_ar else f'; median of {args.repeats} runs'})")
     if "spec" in runs:
-        acc = acceptance_summary(runs["spec"]["accepted"], tree.max_draft_tokens, runs["spec"]["cut"])
-        record.update(acc)
-        print(f"[decode] tau {acc['tau']:.2f} over {acc['rounds']} rounds; acceptance per depth "
-              f"{acc['acceptance_per_depth']}")
+        print(f"[decode] tau {record['tau']:.2f} over {record['rounds']} rounds; acceptance per depth "
+              f"{record['acceptance_per_depth']}")
     if "spec" in runs and args.profile:
-        p = E.prepare(model, draft, prompts, ecfg, mode=visual_mode, keep_fraction=args.keep_fraction,
-                      prune_by=args.prune_by, m_star=m_star, allow_view_mismatch=args.force_view)
-        split = E.profile_phases(model, draft, p, ecfg, sampling=sampling)
+        split = decoder.profile_phases(prompts, config, tree=tree)
         record.update(split)
         print(f"[decode] per round: draft {split['draft_s_per_round'] * 1e3:.2f} ms, verify "
               f"{split['verify_s_per_round'] * 1e3:.2f} ms")
     failure = None
     if "spec" in runs and "ar" in runs:
         ar, spec = runs["ar"], runs["spec"]
-        diff = first_mismatch(spec["tokens"], spec["n"], ar["tokens"], ar["n"])
-        record.update(ar_prefill_s=ar["prefill_s"], ar_decode_s=ar["decode_s"], outputs_identical_to_ar=diff is None)
-        timings = (f"AR prefill {ar['prefill_s']:.2f}s decode {ar['decode_s']:.2f}s ({int(ar['n'].sum())} tokens, "
-                   f"{ar['n'].sum() / ar['decode_s']:.0f} tokens/s), speculative prefill {spec['prefill_s']:.2f}s "
-                   f"decode {spec['decode_s']:.2f}s ({int(spec['n'].sum())} tokens, "
-                   f"{spec['n'].sum() / spec['decode_s']:.0f} tokens/s)")
+        diff = first_mismatch(spec.tokens_BM, spec.num_tokens_B, ar.tokens_BM, ar.num_tokens_B)
+        record.update(ar_prefill_s=ar.prefill_s, ar_decode_s=ar.decode_s, outputs_identical_to_ar=diff is None)
+        timings = (f"AR prefill {ar.prefill_s:.2f}s decode {ar.decode_s:.2f}s ({int(ar.num_tokens_B.sum())} tokens, "
+                   f"{ar.num_tokens_B.sum() / ar.decode_s:.0f} tokens/s), speculative prefill {spec.prefill_s:.2f}s "
+                   f"decode {spec.decode_s:.2f}s ({int(spec.num_tokens_B.sum())} tokens, "
+                   f"{spec.num_tokens_B.sum() / spec.decode_s:.0f} tokens/s)")
         if diff is None:
-            sp = speed_summary(ar_prefill_s=ar["prefill_s"], ar_decode_s=ar["decode_s"],
-                               spec_prefill_s=spec["prefill_s"], spec_decode_s=spec["decode_s"])
+            sp = speed_summary(ar_prefill_s=ar.prefill_s, ar_decode_s=ar.decode_s,
+                               spec_prefill_s=spec.prefill_s, spec_decode_s=spec.decode_s)
             record.update(sp)
             print(f"[decode] {timings} -> DSR {sp['DSR']:.2f}, ESR {sp['ESR']:.2f}, prefill share "
                   f"{sp['prefill_share_spec']:.1%}; outputs identical to AR")
         else:
             row, pos, got, want = diff
             record["first_mismatch"] = {"row": row, "position": pos, "speculative": got, "ar": want}
-            if sampling.greedy:
+            if config.sampling.greedy:
                 failure = (f"speculative output differs from AR at row {row}, position {pos}: speculative token "
                            f"{got}, AR token {want} (None = that run had stopped); no DSR/ESR reported")
                 print(f"[decode] {timings}\n[decode] MISMATCH: {failure}")
@@ -559,7 +432,7 @@ def main(argv=None):
                       f"law, and DSR/ESR are defined on identical outputs, so none is reported")
     print(f"[decode] {DEFINITIONS}")
     for b, text in enumerate(texts):
-        ids = main_run["tokens"][b, :main_run["n"][b]].tolist()
+        ids = main_run.token_ids(b)
         answer = codec.decode(ids)
         nvis = int(batch.vis_len_B[b])
         print(f"\n[{b}] Q: {text}  ({len(prompts[b].input_ids)} prompt tokens, {nvis} visual)\n[{b}] A: {answer!r}"
