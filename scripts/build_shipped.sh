@@ -6,9 +6,11 @@
 #
 # Stages (each resumes from its own checkpoints if interrupted; rerun the script):
 #  1. tokenizer (byte-level BPE, Qwen special tokens)                     -> shipped/tiny-qwen2.5-vl/tokenizer*
-#  2. the target: LM + vision tower from scratch, the reading curriculum (scripts/train_reading_target.sh,
-#     configs/target_curriculum/: every question kind + captions on a one-object world with large sprites,
-#     then two objects, then the shipped world), with the vision probe loss -> shipped/tiny-qwen2.5-vl
+#  2. the target (first version, what ships today): LM + vision tower from scratch on captions and QA,
+#     configs/train_tiny_target.json, 1000 steps                          -> shipped/tiny-qwen2.5-vl
+#     (it does not read the video; scripts/train_reading_target.sh is the reading curriculum being worked
+#     out — BENCHMARKS.md, "Why the tiny target does not read the video yet". The shipped weights were trained before the
+#     world's sprites grew to 0.2 / 0.32 of the frame, so a rebuild differs from them in its numbers.)
 #  3. drafts on the final target: Sparrow (text-only view, IVSB + MTP) and MSD-style (full visual view)
 #                                                                          -> shipped/drafts/{sparrow,msd}
 #  4. per-length tree choice for this backend                             -> shipped/drafts/sparrow/tree_choice.json
@@ -17,10 +19,9 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 
 python -m sparrow_jax.synthetic.tokenizer
-bash scripts/train_reading_target.sh
-final=$(ls -d runs/target_curriculum/[0-9][0-9]_* | tail -1)
-cp "$final"/hf/{config.json,model.safetensors,generation_config.json} shipped/tiny-qwen2.5-vl/
-cat runs/target_curriculum/[0-9][0-9]_*/metrics.jsonl > shipped/tiny-qwen2.5-vl/training_metrics.jsonl
+python train.py --config configs/train_tiny_target.json --export runs/tiny_target/hf
+cp runs/tiny_target/hf/{config.json,model.safetensors,generation_config.json} shipped/tiny-qwen2.5-vl/
+cp runs/tiny_target/metrics.jsonl shipped/tiny-qwen2.5-vl/training_metrics.jsonl
 for d in sparrow msd; do
   python train.py --config "configs/train_tiny_draft_$d.json" --export "runs/draft_$d/export"
   mkdir -p "shipped/drafts/$d" && cp "runs/draft_$d/export"/* "shipped/drafts/$d/"
