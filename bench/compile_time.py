@@ -211,7 +211,8 @@ def measure(stage: str, inp: Inputs) -> dict:
             "trace_cpu_s": trace_cpu, "to_hlo_cpu_s": hlo_cpu, "lower_cpu_s": trace_cpu + hlo_cpu,
             "compile_cpu_s": compile_cpu, "stablehlo_lines": lowered.as_text().count("\n"),
             "optimized_hlo_lines": compiled.as_text().count("\n"),
-            "jaxpr_eqns": len(traced.jaxpr.eqns), "peak_rss_gib_before": rss_before,
+            "jaxpr_eqns": len(traced.jaxpr.eqns),  # top level only: a while_loop counts as one
+            "peak_rss_gib_before": rss_before,
             "peak_rss_gib_lowered": rss_lowered, "peak_rss_gib": ru.ru_maxrss / 2**20,
             "voluntary_ctx_switches": ru.ru_nvcsw, "involuntary_ctx_switches": ru.ru_nivcsw}
 
