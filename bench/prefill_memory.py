@@ -280,6 +280,8 @@ def run_decode(args, rec: dict) -> dict:
             rec["prompt_line"] = line.strip()
         if line.startswith("[decode] prompt bucket"):
             rec["prefill_line"] = line.strip()
+        if line.startswith("[0] ids: "):
+            rec["tokens"] = json.loads(line.removeprefix("[0] ids: "))
     return rec
 
 
