@@ -7,8 +7,8 @@
   that gives `--visual-tokens` (rendered to an H.264 mp4 in a child process, cached in `--video-dir`),
   read and preprocessed by decode.py's `build_prompts` with the target's preprocessor configs, the target
   loaded, the batch built (`registry.prepare_batch_for`), `target.prefill` (first call: compile included),
-  then a few AR tokens. Each stage reports its own peak RSS (VmHWM reset at the stage start) and the RSS
-  it leaves behind.
+  then a few AR tokens. Each stage reports its own peak RSS (VmHWM reset at the stage start), the RSS it
+  leaves behind, its wall time and its CPU time (on a shared machine only the latter compares).
 * `decode`: `decode.py` itself in a child process on the same video (`--mode ar`, a few new tokens, no
   streaming): the child's peak RSS (the number a user sees), and its RSS when each `[decode]` line appeared.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -66,6 +67,13 @@ def parse_args(argv=None):
     if args.visual_tokens <= 0:
         ap.error(f"--visual-tokens {args.visual_tokens}: must be positive")
     return args
+
+
+def cpu_s() -> float:
+    """This process's CPU time (user + system, all threads): comparable across runs on a shared machine,
+    where wall time is not."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 class RssGuard:
@@ -196,10 +204,10 @@ def run_video(args, rec: dict) -> dict:
     def stage(name, fn):
         state["stage"] = name
         reset_peak_rss()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         out = fn()
-        stages[name] = {"s": round(time.perf_counter() - t0, 2), "peak_rss_gib": round(window_peak_rss_gib(), 3),
-                        "rss_after_gib": round(rss_gib(), 3)}
+        stages[name] = {"s": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu_s() - c0, 2),
+                        "peak_rss_gib": round(window_peak_rss_gib(), 3), "rss_after_gib": round(rss_gib(), 3)}
         print(f"[prefill_memory] {name}: {stages[name]}", flush=True)
         return out
 
