@@ -70,3 +70,26 @@ def parse_draft_args(ap, draft_specs, random_specs, known) -> dict:
         if path is not None and not (path / "config.json").is_file():
             ap.error(f"--draft {name}={path}: no config.json there (a draft checkpoint directory is expected)")
     return drafts
+
+
+def _proc_status_kib(field: str, pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_gib(pid: int | str = "self") -> float:
+    """Current resident set size (Linux /proc VmRSS)."""
+    return _proc_status_kib("VmRSS", pid) / 2**20
+
+
+def window_peak_rss_gib() -> float:
+    """Peak RSS since the last `reset_peak_rss()` (VmHWM)."""
+    return _proc_status_kib("VmHWM") / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: clear_refs 5), so a stage's own
+    peak can be read with `window_peak_rss_gib()`."""
+    Path("/proc/self/clear_refs").write_text("5")

@@ -561,11 +561,33 @@ class LlavaOneVision(nnx.Module):
 
     def encode_visuals(self, pixels_NCHW, layout: LlavaVisionLayout, impl="xla"):
         """All tiles of the batch [N, C, S, S] -> the visual LM tokens [M, D] in batch order."""
+        return self.combine_chunks(self.encode_chunk(pixels_NCHW, None, impl), layout)
+
+    # --- the same in bounded memory (target.encode_visuals_chunked): chunks of whole tiles ---
+    def visual_chunks(self, pixels_NCHW, layout: LlavaVisionLayout, chunk_patches: int):
+        """Host: (tiles [K, C, S, S] (a view, or zero-padded to K), None, valid output rows) per tower
+        call: K tiles within `chunk_patches` SigLIP patches (at least 1; SigLIP sees one tile at a time)."""
+        per_tile = self.cfg.vision.grid ** 2
+        N = pixels_NCHW.shape[0]
+        K = min(N, max(1, chunk_patches // per_tile))
+        for start in range(0, N, K):
+            tiles = pixels_NCHW[start:start + K]
+            n = tiles.shape[0]
+            if n < K:
+                tiles = np.concatenate([tiles, np.zeros((K - n,) + tiles.shape[1:], tiles.dtype)])
+            yield tiles, None, n * per_tile
+
+    def encode_chunk(self, pixels_NCHW, layout=None, impl="xla"):
+        """Tiles -> their projected patch features, flattened [N * G^2, D] (the table `combine_chunks` reads)."""
         feats = self.tile_features(pixels_NCHW, impl)
-        D = feats.shape[-1]
-        table = jnp.concatenate([self.image_newline[...][None].astype(feats.dtype), feats.reshape(-1, D)])
+        return feats.reshape(-1, feats.shape[-1])
+
+    def combine_chunks(self, feats_RD, layout: LlavaVisionLayout):
+        """Every tile's patch features [N * G^2, D] -> the visual LM tokens [M, D]: each token a weighted sum
+        of 4 table rows (bilinear taps; row 0 is image_newline)."""
+        table = jnp.concatenate([self.image_newline[...][None].astype(feats_RD.dtype), feats_RD])
         out = jnp.einsum("mk,mkd->md", layout.src_w, table[layout.src_idx], preferred_element_type=jnp.float32)
-        return out.astype(feats.dtype)
+        return out.astype(feats_RD.dtype)
 
 
 # --------------------------------------------------------------------------------- batch building
@@ -628,8 +650,13 @@ def prepare_prefill_batch(prompts, cfg: LlavaOneVisionConfig, *, seq_bucket: int
     pos = np.broadcast_to(np.arange(T, dtype=np.int32)[None, None], (3, B, T))
     has_vis = bool(visuals)
     if has_vis:  # pad tiles and visual tokens to buckets: fewer executables across batches
-        tiles = np.concatenate([np.asarray(v.pixel_values) for v in visuals]).astype(dtype)
-        tiles = np.concatenate([tiles, np.zeros((-len(tiles) % TILE_BUCKET,) + tiles.shape[1:], dtype)])
+        # one host copy, padded in place (`target.prefill` moves it to the device chunk by chunk)
+        parts = [np.asarray(v.pixel_values) for v in visuals]
+        tiles = np.zeros((bucket(sum(len(x) for x in parts), TILE_BUCKET),) + parts[0].shape[1:], dtype)
+        start = 0
+        for x in parts:
+            tiles[start:start + len(x)] = x
+            start += len(x)
         layout = vision_layout(visuals, cfg)[0]
         dest = np.concatenate(dest)
         M = bucket(len(dest))
@@ -641,7 +668,7 @@ def prepare_prefill_batch(prompts, cfg: LlavaOneVisionConfig, *, seq_bucket: int
         input_ids_BT=jnp.asarray(ids), lengths_B=jnp.asarray(lens, jnp.int32), positions_3BT=jnp.asarray(pos),
         rope_delta_B=jnp.zeros((B,), jnp.int32), text_idx_BL=jnp.asarray(text_idx_BL),
         text_len_B=jnp.asarray(text_len), vis_idx_BM=jnp.asarray(vis_idx_BM), vis_len_B=jnp.asarray(vis_len),
-        pixels_PC=jnp.asarray(tiles) if has_vis else None,
+        pixels_PC=tiles if has_vis else None,
         vision_layout=layout if has_vis else None,
         visual_dest=jnp.asarray(dest, jnp.int32) if has_vis else None,
     )

@@ -9,6 +9,7 @@ known before the jitted call, and fix the shapes of one compiled executable.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -201,6 +202,9 @@ class VisionLayout:
     full: SegmentLayout  # per-frame segments (fullatt blocks)
     window: SegmentLayout  # per-window segments (other blocks)
     merged_unperm: jax.Array  # [P / merge^2] back to raster order after the merger
+    # [n_groups, 2] (h, w) patches of each frame group (temporal patch), in pixel-row order: the units
+    # the tower can be run on separately (`vision_chunks`); unused inside the tower
+    group_hw: jax.Array
 
 
 def _segment_layout(seg_lens) -> SegmentLayout:
@@ -222,7 +226,7 @@ def vision_layout(grids_thw, vcfg: VisionConfig) -> VisionLayout:
     m = vcfg.spatial_merge_size
     unit = m * m
     win = vcfg.window_size // m // vcfg.patch_size
-    window_index, win_lens, frame_lens, rot = [], [], [], []
+    window_index, win_lens, frame_lens, rot, group_hw = [], [], [], [], []
     offset = 0
     for t, h, w in grids_thw:
         lh, lw = h // m, w // m
@@ -236,6 +240,7 @@ def vision_layout(grids_thw, vcfg: VisionConfig) -> VisionLayout:
         window_index.append(flat[flat != -100] + offset)
         offset += t * lh * lw
         frame_lens.extend([h * w] * t)
+        group_hw.extend([(h, w)] * t)
         hp, wp = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
         hp = hp.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
         wp = wp.reshape(lh, m, lw, m).transpose(0, 2, 1, 3).reshape(-1)
@@ -247,7 +252,38 @@ def vision_layout(grids_thw, vcfg: VisionConfig) -> VisionLayout:
         patch_perm=jnp.asarray(patch_perm, jnp.int32), rot_pos=jnp.asarray(rot, jnp.int32),
         full=_segment_layout(frame_lens), window=_segment_layout(win_lens),
         merged_unperm=jnp.asarray(np.argsort(window_index), jnp.int32),
+        group_hw=jnp.asarray(np.asarray(group_hw, np.int32).reshape(-1, 2)),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_layout(groups: int, h: int, w: int, vcfg: VisionConfig) -> VisionLayout:
+    """The layout of `groups` frame groups of h x w patches: the same for every chunk of that shape."""
+    return vision_layout([(groups, h, w)], vcfg)
+
+
+def vision_chunks(group_hw, vcfg: VisionConfig, chunk_patches: int):
+    """Split frame groups (temporal patches; [n, 2] their (h, w) in pixel-row order) into tower calls of
+    at most ~`chunk_patches` patches. Frame groups are independent in the tower (windows and full-attention
+    segments never cross one; rotary positions restart in each), so consecutive groups of one size can run
+    as one (G, h, w) grid, whichever visual they come from. G is the largest group count within
+    `chunk_patches` (at least 1), or for a shorter run the next power of two: few shapes, few compiles.
+    Returns [(first row, rows, G, h, w, valid groups)]; a chunk with fewer valid groups than G is padded."""
+    group_hw = np.asarray(group_hw).reshape(-1, 2)
+    out, g, row = [], 0, 0
+    while g < len(group_hw):
+        h, w = (int(x) for x in group_hw[g])
+        run = 1
+        while g + run < len(group_hw) and tuple(group_hw[g + run]) == (h, w):
+            run += 1
+        most = max(1, chunk_patches // (h * w))
+        for start in range(0, run, most):
+            valid = min(most, run - start)
+            G = most if run > most else min(most, 1 << (valid - 1).bit_length())
+            out.append((row, valid * h * w, G, h, w, valid))
+            row += valid * h * w
+        g += run
+    return out
 
 
 def rope_index(input_ids, mm_token_type_ids, grids_thw, second_per_grid_ts, cfg: Qwen25VLConfig):
@@ -409,6 +445,24 @@ class Qwen25VL(nnx.Module):
     def encode_visuals(self, pixels_PC, layout, impl="xla"):
         return self.visual(pixels_PC, layout, impl)
 
+    # --- the same in bounded memory (target.encode_visuals_chunked): chunks of whole frame groups ---
+    def visual_chunks(self, pixels_PC, layout: VisionLayout, chunk_patches: int):
+        """Host: (pixels [G*h*w, C] (a view, or zero-padded to whole G), chunk layout, valid output rows)
+        per tower call, in order; see `vision_chunks`."""
+        m2 = self.cfg.vision.spatial_merge_size ** 2
+        for row, rows, G, h, w, _ in vision_chunks(layout.group_hw, self.cfg.vision, chunk_patches):
+            pixels = pixels_PC[row:row + rows]
+            if rows < G * h * w:
+                pixels = np.concatenate([pixels, np.zeros((G * h * w - rows, pixels.shape[1]), pixels.dtype)])
+            yield pixels, _chunk_layout(G, h, w, self.cfg.vision), rows // m2
+
+    def encode_chunk(self, pixels_PC, layout, impl="xla"):
+        return self.visual(pixels_PC, layout, impl)
+
+    def combine_chunks(self, feats_MD, layout):
+        """The chunks' outputs, concatenated, already are the visual tokens in order."""
+        return feats_MD
+
 
 # --------------------------------------------------------------------------------- batch building
 
@@ -459,11 +513,13 @@ def prepare_prefill_batch(prompts, cfg: Qwen25VLConfig, *, seq_bucket: int | Non
     text_idx_BL, text_len = pad_rows(text_idx)
     vis_idx_BM, vis_len = pad_rows(vis_idx)
     has_vis = bool(pixels)
+    if has_vis:  # stays on the host (one visual: no copy): `target.prefill` moves it to the device chunk by chunk
+        pixels = pixels[0].astype(dtype, copy=False) if len(pixels) == 1 else np.concatenate(pixels, dtype=dtype)
     return PrefillBatch(
         input_ids_BT=jnp.asarray(ids), lengths_B=jnp.asarray(lens, jnp.int32), positions_3BT=jnp.asarray(pos),
         rope_delta_B=jnp.asarray(delta), text_idx_BL=jnp.asarray(text_idx_BL), text_len_B=jnp.asarray(text_len),
         vis_idx_BM=jnp.asarray(vis_idx_BM), vis_len_B=jnp.asarray(vis_len),
-        pixels_PC=jnp.asarray(np.concatenate(pixels).astype(dtype)) if has_vis else None,
+        pixels_PC=pixels if has_vis else None,
         vision_layout=vision_layout(grids, cfg.vision) if has_vis else None,
         visual_dest=jnp.asarray(np.concatenate(dest), jnp.int32) if has_vis else None,
     )

@@ -6,8 +6,11 @@ stack returning final-norm hidden, new K/V, captured hidden states) and `logits`
 
 Batch/padding scheme: B rows, right-padded to a bucketed length T (`SEQ_BUCKET`); `lengths_B` holds
 each row's true prompt length. Positions are always 3 streams [3, B, T] (M-RoPE t/h/w; 1-D models use
-equal streams). All visuals of the batch are encoded in one tower call, in row-major appearance order,
-and scattered to their pad tokens through `visual_dest` (flat b*T + t indices).
+equal streams). The visuals of the batch are encoded in row-major appearance order and scattered to
+their pad tokens through `visual_dest` (flat b*T + t indices). `prefill` runs the vision tower in chunks
+of at most `VISION_CHUNK_PATCHES` patches (whole frame groups / tiles, which the towers treat
+independently), moving host pixels to the device chunk by chunk, so a long video's prefill memory grows
+with the LM's sequence, not with the tower's activations over every patch.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models.kv_cache import KVCache, commit as _commit_cache, write_rows
 
 SEQ_BUCKET = 64  # prompt lengths, text-position and visual-position counts are padded to this multiple
+VISION_CHUNK_PATCHES = 16384  # vision-tower patches per call in `prefill` (one compile per chunk shape)
 
 
 def bucket(n: int, multiple: int = SEQ_BUCKET) -> int:
@@ -50,9 +54,10 @@ class PrefillBatch:
     text_len_B: jax.Array
     vis_idx_BM: jax.Array  # positions of visual tokens
     vis_len_B: jax.Array
-    pixels_PC: jax.Array | None = None  # all visuals' flattened patches, concatenated
+    pixels_PC: jax.Array | None = None  # all visuals' flattened patches, concatenated (host or device)
     vision_layout: object | None = None  # family-specific pytree (e.g. qwen2_5_vl.VisionLayout)
     visual_dest: jax.Array | None = None  # [num visual tokens] flat index b*T + t
+    visual_feats_MD: jax.Array | None = None  # the visuals' encodings, when already computed (then no pixels)
     draft_idx_BP: jax.Array | None = None  # positions of the draft's items (its visual view), right-padded
     draft_len_B: jax.Array | None = None
     # pruned view by attention: keep this many visual positions per row, chosen on device by the
@@ -108,7 +113,8 @@ def check_context(batch: PrefillBatch, text_cfg, max_new_tokens: int) -> None:
 
 def _input_embeddings(model, batch: PrefillBatch, impl, visual_feats=None):
     x_BTD = model.embed(batch.input_ids_BT)
-    if batch.pixels_PC is not None:
+    visual_feats = batch.visual_feats_MD if visual_feats is None else visual_feats
+    if batch.pixels_PC is not None or visual_feats is not None:
         B, T, D = x_BTD.shape
         if visual_feats is None:
             visual_feats = model.encode_visuals(batch.pixels_PC, batch.vision_layout, impl)
@@ -196,14 +202,52 @@ def _attention_pruned_idx(batch: PrefillBatch, score_BT, P: int):
     return order.astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl", "states"))
+@partial(jax.jit, static_argnames=("graphdef", "impl"))
+def _encode_chunk(graphdef, params, pixels, layout, impl):
+    return nnx.merge(graphdef, params).encode_chunk(pixels, layout, impl)
+
+
+def encode_visuals_chunked(graphdef, params, pixels_PC, layout, *, impl: str = "xla",
+                           chunk_patches: int = VISION_CHUNK_PATCHES):
+    """Host loop: the batch's visual tokens [M, D] as `model.encode_visuals(pixels_PC, layout)` gives them,
+    from tower calls of at most ~`chunk_patches` patches each (the family's `visual_chunks` plan: whole
+    frame groups / tiles, the last chunk padded; one compile per chunk shape). Each chunk's pixels go to
+    the device only when its call is dispatched, and at most two calls are in flight, so host pixels
+    are never copied whole and the tower's activations are those of one chunk."""
+    model = nnx.merge(graphdef, params)
+    parts, pending = [], None
+    for pixels, chunk_layout, valid in model.visual_chunks(pixels_PC, layout, chunk_patches):
+        out = _encode_chunk(graphdef, params, jnp.asarray(pixels), chunk_layout, impl)
+        if pending is not None:
+            pending.block_until_ready()  # bound the work queued behind async dispatch
+        parts.append(out[:valid])
+        pending = out
+    feats = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    return model.combine_chunks(feats, layout)
+
+
 def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla",
-            states: bool = False, key_visible_LBS=None) -> PrefillOutput:
+            states: bool = False, key_visible_LBS=None,
+            vision_chunk_patches: int | None = VISION_CHUNK_PATCHES) -> PrefillOutput:
     """Run the target on the whole prompt (video included). `capacity` is the cache length S, which
     must cover prompt + generated tokens + one verify block. Only what is asked for leaves the call:
     the draft's items when `batch.draft_idx_BP` is set (layer-m* states only for a view or pruning
     rule that reads them), the all-position text / layer-m* visual states only with `states=True`.
-    key_visible_LBS [layers, B, T]: the internalization study's visual-KV removal (`visual_key_visibility`)."""
+    key_visible_LBS [layers, B, T]: the internalization study's visual-KV removal (`visual_key_visibility`).
+    The visuals are encoded first, in chunks of `vision_chunk_patches` (`encode_visuals_chunked`); None
+    runs the tower over every patch inside the one jitted call (the reference path)."""
+    pixels = batch.pixels_PC
+    if vision_chunk_patches and pixels is not None and not isinstance(pixels, jax.core.Tracer):
+        feats = encode_visuals_chunked(graphdef, params, pixels, batch.vision_layout, impl=impl,
+                                       chunk_patches=vision_chunk_patches)
+        batch = dataclasses.replace(batch, pixels_PC=None, vision_layout=None, visual_feats_MD=feats)
+    return _prefill(graphdef, params, batch, capacity=capacity, m_star=m_star, impl=impl, states=states,
+                    key_visible_LBS=key_visible_LBS)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl", "states"))
+def _prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla",
+             states: bool = False, key_visible_LBS=None) -> PrefillOutput:
     model = nnx.merge(graphdef, params)
     B, T = batch.input_ids_BT.shape
     assert capacity >= T, (capacity, T)
