@@ -170,7 +170,10 @@ def stage_call(stage: str, inp: Inputs):
     impl = inp.ecfg.impl
     if stage in ("prefill", "prefill_spec"):
         b = inp.batch_ar if stage == "prefill" else inp.batch_spec
-        return tg.prefill, (inp.tgraph, inp.tparams, b), dict(capacity=inp.capacity, m_star=inp.m_star, impl=impl)
+        # The one-call prefill (tower inside the jitted program): `tg.prefill` is now a host wrapper that runs
+        # the tower in chunks first (a separate, smaller compile per chunk shape), which abstract inputs
+        # cannot drive; the BENCHMARKS figures were taken before that split.
+        return tg._prefill, (inp.tgraph, inp.tparams, b), dict(capacity=inp.capacity, m_star=inp.m_star, impl=impl)
     B, P = inp.batch_spec.draft_idx_BP.shape
     D, dt = inp.cfg.text.hidden_size, jax.tree.leaves(inp.tparams)[0].dtype
     if stage == "draft_prefill":  # target.prefill's draft_e_BPD, draft_hprev_BPD, draft_text_BP
