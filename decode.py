@@ -242,14 +242,11 @@ def cli_rows(args):
             [v if k == "image" else None for k, v in visuals])
 
 
-def build_prompts(args, cfg, codec, workdir=None):
-    """(texts, prompts) of the run (api.Processor with the target's preprocessor files); prints what the
-    preprocessing applied to each visual."""
-    from sparrow_jax import api  # noqa: PLC0415
-
-    del workdir
+def build_prompts(args, processor):
+    """(texts, prompts) of the run through the target's `api.Processor` (its preprocessor files); prints
+    what the preprocessing applied to each visual."""
     texts, videos, images = cli_rows(args)
-    prompts = api.Processor(cfg, model_dir=model_dir(args), codec=codec)(texts, videos, images, vision_options(args))
+    prompts = processor(texts, videos, images, vision_options(args))
     for p in prompts:
         for v in p.visuals:
             if v.summary:
@@ -327,7 +324,7 @@ def main(argv=None):
     try:
         check_input_files(args)
         codec = processor.codec
-        texts, prompts = build_prompts(args, cfg, codec)
+        texts, prompts = build_prompts(args, processor)
         processor.check_context(prompts, args.max_new_tokens)
         if tree is None:  # --tree auto: the draft's stored choice for the longest row's visual tokens
             tree, note = api.resolve_tree(args.tree, args.draft, prompts)

@@ -217,6 +217,7 @@ def run_video(args, rec: dict) -> dict:
     import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
+    from sparrow_jax import api  # noqa: PLC0415
     from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity  # noqa: PLC0415
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.models import registry, target as tg  # noqa: PLC0415
@@ -226,8 +227,7 @@ def run_video(args, rec: dict) -> dict:
     codec = load_codec(dargs.target, cfg.text.vocab_size)
 
     def preprocess():
-        with tempfile.TemporaryDirectory() as workdir:
-            return decode.build_prompts(dargs, cfg, codec, workdir)[1]
+        return decode.build_prompts(dargs, api.Processor(cfg, model_dir=decode.model_dir(dargs), codec=codec))[1]
 
     prompts = stage("preprocess (read + resize + patchify)", preprocess)
     model = stage("load target", lambda: registry.load_target(dargs.target))

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import decode  # noqa: E402
+from sparrow_jax import api  # noqa: E402
 from sparrow_jax.models import registry  # noqa: E402
 
 
@@ -190,7 +191,8 @@ def test_preprocessing_follows_a_transformers_checkpoint(files, odd_checkpoint, 
     # the same inputs through transformers: equal logits
     args = decode.parse_args(["--target", str(odd_checkpoint), "--video", str(video), "--prompt", "What moves?"])
     model = load_qwen2_5_vl(odd_checkpoint)
-    _, (prompt,) = decode.build_prompts(args, model.cfg, load_codec(None, model.cfg.text.vocab_size), tmp_path)
+    processor = api.Processor(model.cfg, model_dir=odd_checkpoint, codec=load_codec(None, model.cfg.text.vocab_size))
+    _, (prompt,) = decode.build_prompts(args, processor)
     (vis,) = prompt.visuals
     assert vis.grid_thw == (4, 8, 8) and vis.pixel_values.shape[1] == 3 * 1 * 8 * 8
     ours = _jit_logits(model, prepare_prefill_batch([prompt], model.cfg))[0, :len(prompt.input_ids)]
