@@ -62,10 +62,16 @@ def parse_args(argv=None):
     v.add_argument("--video-dir", default=str(Path(tempfile.gettempdir()) / "sparrow_prefill_memory"),
                    help="where rendered world videos are cached")
     v.add_argument("--max-new-tokens", type=int, default=4)
+    v.add_argument("--video", help="--source decode: this video file instead of a rendered world scene (its visual "
+                   "tokens then follow from the file and the preprocessing; --visual-tokens is ignored)")
+    v.add_argument("--random-config", help="--source decode: decode.py --config CONFIG (a random-initialised target "
+                   "of that architecture with decode.py's default preprocessing) instead of --target")
     ap.add_argument("--render-only", help=argparse.SUPPRESS)  # child process: render the scene to this path
     args = ap.parse_args(argv)
     if args.visual_tokens <= 0:
         ap.error(f"--visual-tokens {args.visual_tokens}: must be positive")
+    if (args.video or args.random_config) and args.source != "decode":
+        ap.error("--video and --random-config apply to --source decode")
     return args
 
 
@@ -182,7 +188,8 @@ def render_only(args) -> None:
 
 
 def decode_argv(args, video: Path) -> list[str]:
-    return ["--target", args.target, "--video", str(video), "--prompt", QUESTION, "--mode", "ar",
+    model = ["--config", args.random_config] if args.random_config else ["--target", args.target]
+    return [*model, "--video", str(video), "--prompt", QUESTION, "--mode", "ar",
             "--max-new-tokens", str(args.max_new_tokens), "--no-stream", "--no-compare-ar"]
 
 
@@ -252,7 +259,7 @@ def run_video(args, rec: dict) -> dict:
 
 def run_decode(args, rec: dict) -> dict:
     """decode.py in a child process: its peak RSS, and its RSS as each `[decode]` line appears."""
-    video, n_vis = world_video(args)
+    video, n_vis = (Path(args.video), None) if args.video else world_video(args)
     rec.update(video=video.name, visual_tokens_expected=n_vis)
     cmd = [sys.executable, str(ROOT / "decode.py"), *decode_argv(args, video)]
     rec["decode_command"] = shlex.join(["python", "decode.py", *decode_argv(args, video)])
@@ -286,8 +293,11 @@ def run_decode(args, rec: dict) -> dict:
     for line in lines:
         if "prompt tokens" in line and "visual)" in line:
             rec["prompt_line"] = line.strip()
+            rec["visual_tokens"] = int(line.rsplit("tokens, ", 1)[1].split(" visual)")[0])
         if line.startswith("[decode] prompt bucket"):
             rec["prefill_line"] = line.strip()
+        if line.startswith("[decode] video "):
+            rec["video_line"] = line.strip()
         if line.startswith("[0] ids: "):
             rec["tokens"] = json.loads(line.removeprefix("[0] ids: "))
     return rec
@@ -307,7 +317,8 @@ def main(argv=None):
     if args.source == "random":
         rec.update(run_random(args))
     else:
-        rec.update(target=Path(args.target).name, max_new_tokens=args.max_new_tokens)
+        rec.update(target=f"random {Path(args.random_config).name}" if args.random_config else Path(args.target).name,
+                   max_new_tokens=args.max_new_tokens)
         (run_video if args.source == "video" else run_decode)(args, rec)
     finish(args, rec)
     return rec
