@@ -8,7 +8,9 @@ Cheaper than bench/target_reads_video.py (no generation): one forward per batch 
 Held-out questions: validation-split scenes (8 s by default), `--per-kind` questions of each kind (the same
 ones for every model). Loss = mean cross-entropy per answer token (the answer's template words included, so
 a gap between real and blank comes only from the content words). A target that reads the video for a kind
-has a clearly lower loss with the real video than with a blank one. Results: one JSON line per (model,
+has a clearly lower loss with the real video than with a blank one. Kind `caption` is the detailed-caption
+request; `--content` adds the loss over the attribute words only (colours, shapes, sizes, backgrounds,
+motions, numbers), where a caption's gap shows undiluted by its many text-predictable words. Results: one JSON line per (model,
 kind, condition) in --jsonl, and a printed table.
 """
 
@@ -21,6 +23,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+import numpy as np
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,12 +45,16 @@ def parse_args(argv=None):
     ap.add_argument("--kinds", default=KINDS, help="question kinds, comma-separated")
     ap.add_argument("--per-kind", type=int, default=24, help="held-out questions per kind (a multiple of --batch)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-text", type=int, default=192, help="text tokens per sample (captions need ~150)")
     ap.add_argument("--duration", type=int, default=8, help="video length in seconds")
     ap.add_argument("--conditions", default="real,blank", help="real, blank, shuffled")
     ap.add_argument("--world", action="append", default=[], metavar="FIELD=VALUE",
                     help="a WorldConfig field of the held-out scenes (e.g. sprite_scale=2, max_visible=1); repeatable")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the target's, else the shipped one)")
     ap.add_argument("--jsonl", default=str(HERE / "results" / "answer_loss_by_kind.jsonl"))
+    ap.add_argument("--content", action="store_true",
+                    help="also the loss on content tokens only (colour, shape, size, background, motion and number "
+                         "words): in a caption most tokens follow from the text, these only from the video")
     args = ap.parse_args(argv)
     try:
         args.world = {k: json.loads(v) for k, v in (w.split("=", 1) for w in args.world)}
@@ -85,13 +93,30 @@ def held_out_questions(kinds, per_kind: int, duration: int, wcfg):
     out = {k: [] for k in kinds}
     for seed in world.split_seeds("validation", 2000):
         scene = world.make_scene(seed, duration, wcfg)
-        for qa in world.scene_qa(scene, 0)[1:]:
+        for qa in world.scene_qa(scene, 0):
             if qa.kind in out and len(out[qa.kind]) < per_kind:
                 out[qa.kind].append((scene, qa))
         if all(len(v) == per_kind for v in out.values()):
             return out
     short = {k: len(v) for k, v in out.items() if len(v) < per_kind}
     raise SystemExit(f"not enough held-out questions of kinds {short} (asked {per_kind} each)")
+
+
+def content_token_ids(codec, vocab_size: int) -> np.ndarray:
+    """[V] bool: token ids whose text (stripped, lower-case) is a whole attribute word of the world or the
+    start of one (BPE may split a word; only its first piece is counted)."""
+    from sparrow_jax.synthetic import world  # noqa: PLC0415
+
+    words = {*world.COLOURS, *world.SHAPES, *world.SIZES, *world.BACKGROUNDS, *world._NUM_WORDS[1:],
+             "left", "right", "up", "down", "still", "bounce", "bounces", "bouncing", "stays"}
+    out = np.zeros(vocab_size, bool)
+    for i in range(vocab_size):
+        try:
+            t = codec.decode([i]).strip().lower()
+        except Exception:  # noqa: BLE001  special or unused ids decode to nothing useful
+            continue
+        out[i] = len(t) >= 2 and t.isalpha() and any(w.startswith(t) for w in words) and (t in words or len(t) >= 3)
+    return out
 
 
 def main(argv=None):
@@ -118,9 +143,11 @@ def main(argv=None):
         raise SystemExit(f"--world {args.world}: {e}") from None
     questions = held_out_questions(kinds, args.per_kind, args.duration, wcfg)
     sums = jax.jit(lambda b: answer_sums(model, b))
+    content = jnp.asarray(content_token_ids(codec, model.cfg.text.vocab_size)) if args.content else None
     env = environment()
     print(f"{name}: answer loss per token ({args.per_kind} held-out questions per kind, {args.duration} s)")
-    print(f"{'kind':<12}" + "".join(f"{c:>10}" for c in args.conditions.split(",")))
+    cols = [c + sfx for c in args.conditions.split(",") for sfx in ("", ":content")[:1 + args.content]]
+    print(f"{'kind':<12}" + "".join(f"{c:>14}" for c in cols))
     for kind in kinds:
         row = {}
         for cond in args.conditions.split(","):
@@ -129,13 +156,23 @@ def main(argv=None):
             for i0 in range(0, len(items), args.batch):
                 samples = [world.scene_sample(s, qa, codec, ids, wcfg, frames=world.ablate(world.render(s, wcfg), cond))
                            for s, qa in items[i0:i0 + args.batch]]
-                s = sums(target_batch(samples, model.cfg, max_text=160))
+                batch = target_batch(samples, model.cfg, max_text=args.max_text)
+                s = sums(batch)
+                if content is not None:
+                    keep = dataclasses.replace(batch, weight_BL=batch.weight_BL * content[batch.labels_BL])
+                    s |= {f"content_{k}": v for k, v in sums(keep).items()}
                 tot = s if tot is None else jax.tree.map(jnp.add, tot, s)
             m = {k: float(v) for k, v in answer_metrics(tot).items()}
+            if content is not None:
+                cm = answer_metrics({k[8:]: v for k, v in tot.items() if k.startswith("content_")})
+                m |= {"content_loss": float(cm["loss"]), "content_top1": float(cm["top1"]),
+                      "content_tokens": float(tot["content_tokens"])}
             row[cond] = m["loss"]
+            if content is not None:
+                row[f"{cond}:content"] = m["content_loss"]
             write_jsonl(args.jsonl, {"bench": "answer_loss_by_kind", "model": name, "kind": kind, "condition": cond,
                                      "duration_s": args.duration, "world": args.world, "questions": len(items), **m, **env})
-        print(f"{kind:<12}" + "".join(f"{row[c]:>10.4f}" for c in row), flush=True)
+        print(f"{kind:<12}" + "".join(f"{row[c]:>14.4f}" for c in cols), flush=True)
 
 
 if __name__ == "__main__":

@@ -33,3 +33,32 @@ def test_probe_rows_per_kind_and_condition(tmp_path, capsys):
         bench.parse_args(["--target", str(SHIPPED), "--per-kind", "5"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--target", str(SHIPPED), "--world", "sprite_scale"])
+
+
+def test_content_tokens_are_the_world_attribute_words():
+    import answer_loss_by_kind as bench
+    from sparrow_jax.io.text import load_codec
+    from sparrow_jax.synthetic import world
+
+    codec = load_codec(str(SHIPPED), 1024)
+    content = bench.content_token_ids(codec, 1024)
+    scene = world.make_scene(10_000_001, 8)
+    said = [codec.decode([t]).strip() for t in codec.encode(world.caption(scene)) if content[t]]
+    obj = scene.objects[0]
+    assert scene.background in said and obj.colour in said and obj.size in said
+    assert not {"the", "video", "seconds", "background", "object"} & set(said)
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="shipped target absent")
+def test_caption_probe_reports_content_loss(tmp_path):
+    import answer_loss_by_kind as bench
+
+    out = tmp_path / "probe.jsonl"
+    bench.main(["--target", str(SHIPPED), "--kinds", "caption", "--per-kind", "8", "--content",
+                "--conditions", "real,blank", "--jsonl", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["condition"] for r in rows] == ["real", "blank"]
+    for r in rows:
+        # a caption names at least a background, a size, a colour and a shape per video
+        assert r["kind"] == "caption" and r["content_tokens"] >= 4 * 8
+        assert np.isfinite(r["content_loss"]) and 0 <= r["content_top1"] <= 1
