@@ -273,3 +273,15 @@ def test_kinds_replace_a_scene_without_such_questions_keeping_the_grid():
         assert [q.kind for q in qas] == ["colour"] and ds.grid(i)[0] == ds.cfg.num_frames(scene.duration) // 2
         replaced += scene.seed != plain.specs(i)[0].seed
     assert replaced > 0  # some scenes have every shape twice or more and no colour question
+
+
+def test_static_world_has_no_events_and_one_background():
+    """max_events=0 (a reading curriculum's first stage): no entrances, exits, background or lighting
+    changes, so the opening objects stay to the end; a negative count is an error naming the field."""
+    cfg = W.WorldConfig(max_events=0, max_visible=1)
+    for seed in range(20):
+        sc = W.make_scene(seed, 8, cfg)
+        assert sc.events == () and len(sc.objects) == 1 and sc.visible(8) == sc.visible(0)
+        assert W.score_caption(sc, W.caption(sc))["overall"] == 1.0
+    with pytest.raises(ValueError, match="max_events"):
+        W.WorldConfig(max_events=-1)

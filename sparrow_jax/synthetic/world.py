@@ -65,7 +65,7 @@ class WorldConfig:
     width: int = 112
     fps: float = 2.0
     max_visible: int = 4  # objects on screen at once
-    max_events: int = 14
+    max_events: int = 14  # 0: a static scene (no entrances, exits, background or lighting changes)
     speed: tuple[float, float] = (0.06, 0.14)  # frame sizes per second
     max_frames: int = 8192  # frame-sampling cap of the preprocessing (HF's default 768 is too few here)
     sprite_scale: float = 1.0  # sprite sides = SIZES x this (> 1: objects span several visual tokens; a curriculum)
@@ -75,6 +75,9 @@ class WorldConfig:
             raise ValueError(f"WorldConfig height/width must be positive multiples of 28, got {self.height}x{self.width}")
         if self.fps <= 0:
             raise ValueError(f"WorldConfig.fps must be positive, got {self.fps}")
+        if self.max_events < 0 or self.max_visible < 1:
+            raise ValueError(f"WorldConfig needs max_events >= 0 and max_visible >= 1, got {self.max_events}, "
+                             f"{self.max_visible}")
         if not 0 < self.sprite_scale * max(SIZES.values()) <= 1:
             raise ValueError(f"WorldConfig.sprite_scale must be in (0, {1 / max(SIZES.values()):.3g}], got {self.sprite_scale}")
 
@@ -172,6 +175,8 @@ def split_seeds(split: str, n: int, offset: int = 0) -> range:
 
 def _event_times(rng, duration: int, n: int) -> list[int]:
     """n distinct whole seconds in [1, duration-1], one per equal stratum (spread over the whole video)."""
+    if n == 0:
+        return []
     w = (duration - 1) / n
     lows = [1 + math.floor(i * w) for i in range(n)]
     lows[-1] = max(lows[-1], math.ceil(0.75 * duration))  # the last event falls in the final quarter
