@@ -283,5 +283,8 @@ def test_static_world_has_no_events_and_one_background():
         sc = W.make_scene(seed, 8, cfg)
         assert sc.events == () and len(sc.objects) == 1 and sc.visible(8) == sc.visible(0)
         assert W.score_caption(sc, W.caption(sc))["overall"] == 1.0
+        qas = W.scene_qa(sc)
+        assert {q.kind for q in qas} >= {"colour", "shape", "size", "motion", "background"}
+        assert all(W.score_answer(sc, q, q.answer) == 1.0 for q in qas)
     with pytest.raises(ValueError, match="max_events"):
         W.WorldConfig(max_events=-1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -102,6 +103,34 @@ class WorldConfig:
         """Preprocessing that keeps the rendered resolution and every rendered frame."""
         return VisionPreprocessConfig(min_pixels=self.height * self.width, max_pixels=self.height * self.width,
                                       fps=self.fps, max_frames=self.max_frames)
+
+
+# Beside a target trained on the world: the scene settings it was trained on (rendering size and frame
+# rate live in its video_preprocessor_config.json).
+WORLD_FILE = "world.json"
+SCENE_FIELDS = ("max_visible", "max_events", "speed", "sprite_scale")
+
+
+def save_scene_settings(out_dir, cfg: WorldConfig) -> Path:
+    """Write `cfg`'s scene settings (SCENE_FIELDS) as out_dir/world.json."""
+    d = {k: getattr(cfg, k) for k in SCENE_FIELDS}
+    path = Path(out_dir) / WORLD_FILE
+    path.write_text(json.dumps(d, indent=2) + "\n")
+    return path
+
+
+def scene_settings_from(path, base: WorldConfig = WorldConfig()) -> WorldConfig:
+    """`base` with the scene settings of a world.json; an unknown or invalid field names the file."""
+    d = json.loads(Path(path).read_text())
+    unknown = set(d) - set(SCENE_FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: unknown world settings {sorted(unknown)} (known: {list(SCENE_FIELDS)})")
+    if "speed" in d:
+        d["speed"] = tuple(d["speed"])
+    try:
+        return dataclasses.replace(base, **d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------- scene graph
@@ -486,17 +515,18 @@ def scene_qa(scene: Scene, variant: int = 0) -> list[QA]:
     t = int(rng.integers(0, D))
     out.append(QA(f"What colour is the background at {_secs(t)}?",
                   f"The background is {scene.background_at(t)}.", "background", scene.background_at(t)))
-    last = scene.events[-1]
-    out.append(QA("What is the last thing that happens in the video?", event_sentence(scene, last, rng),
-                  "event", (last.kind, last.value)))
-    e = scene.events[rng.integers(len(scene.events))]
-    out.append(QA(f"What happens at {_secs(e.time)}?", event_sentence(scene, e, rng), "event", (e.kind, e.value)))
-    for e in scene.events:
-        if e.kind == "background":
-            out.append(QA(f"When does the background change to {e.value}?", f"At {_secs(e.time)}.", "time", e.time))
-        elif e.kind == "lights":
-            verb = "dim" if e.value == "dim" else "brighten"
-            out.append(QA(f"When do the lights {verb}?", f"At {_secs(e.time)}.", "time", e.time))
+    if scene.events:  # a static scene (max_events=0) has no event questions
+        last = scene.events[-1]
+        out.append(QA("What is the last thing that happens in the video?", event_sentence(scene, last, rng),
+                      "event", (last.kind, last.value)))
+        e = scene.events[rng.integers(len(scene.events))]
+        out.append(QA(f"What happens at {_secs(e.time)}?", event_sentence(scene, e, rng), "event", (e.kind, e.value)))
+        for e in scene.events:
+            if e.kind == "background":
+                out.append(QA(f"When does the background change to {e.value}?", f"At {_secs(e.time)}.", "time", e.time))
+            elif e.kind == "lights":
+                verb = "dim" if e.value == "dim" else "brighten"
+                out.append(QA(f"When do the lights {verb}?", f"At {_secs(e.time)}.", "time", e.time))
     return out
 
 
@@ -755,6 +785,10 @@ class WorldDataset(Sequence):
         """The scene and (first) question of item i."""
         scene, qas = self.specs(i)
         return scene, qas[0]
+
+    def save_settings(self, out_dir) -> Path:
+        """world.json: the scene settings a model trained on this dataset saw (its export writes it)."""
+        return save_scene_settings(out_dir, self.cfg)
 
     def grid(self, i: int) -> tuple[int, int, int]:
         rng = np.random.default_rng([self.seed, i])
