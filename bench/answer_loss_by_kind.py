@@ -126,7 +126,7 @@ def main(argv=None):
 
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.models import registry  # noqa: PLC0415
-    from sparrow_jax.synthetic import world  # noqa: PLC0415
+    from sparrow_jax.synthetic import demo, world  # noqa: PLC0415
     from sparrow_jax.training.target_trainer import answer_metrics, answer_sums, target_batch  # noqa: PLC0415
 
     if args.target:
@@ -137,8 +137,8 @@ def main(argv=None):
     codec = load_codec(tok, model.cfg.text.vocab_size)
     ids = world.world_source(model.cfg, 1, tokenizer_dir=tok).ids
     kinds = [k for k in args.kinds.split(",") if k]
-    try:
-        wcfg = world.WorldConfig(**args.world)
+    try:  # the target's own world (its world.json), with --world on top
+        wcfg = dataclasses.replace(demo.target_world(args.target or tok), **args.world)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--world {args.world}: {e}") from None
     questions = held_out_questions(kinds, args.per_kind, args.duration, wcfg)

@@ -162,6 +162,7 @@ def main(argv=None):
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import VisionTokenIds  # noqa: PLC0415
     from sparrow_jax.models import registry, target as tg  # noqa: PLC0415
+    from sparrow_jax.synthetic import demo  # noqa: PLC0415
     from sparrow_jax.synthetic import world as W  # noqa: PLC0415
 
     t_start = time.perf_counter()
@@ -179,7 +180,7 @@ def main(argv=None):
     graphdef, params = nnx.split(model)
     prepare = registry.prepare_batch_for(cfg)
     layer_stats = layer_stats_fn()
-    wcfg = W.WorldConfig()
+    wcfg = demo.target_world(target)
     V = wcfg.visual_tokens(args.seconds)
     scenes = [W.make_scene(s, args.seconds, wcfg) for s in W.split_seeds("test", args.scenes)]
     items = [W.scene_qa(sc)[0] for sc in scenes]  # the caption request

@@ -362,8 +362,7 @@ def load(args, dtype):
         target_files, target_extra = weight_files(target), {}
     cfg = model.cfg
     codec = load_codec(tok_dir, cfg.text.vocab_size)
-    preproc = Path(tok_dir or "") / "video_preprocessor_config.json"
-    wcfg = demo.world_config(preproc) if tok_dir and preproc.is_file() else W.WorldConfig()
+    wcfg = demo.target_world(tok_dir)
 
     drafts = {}
     for name, path in args.methods.items():

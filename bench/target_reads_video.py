@@ -113,6 +113,7 @@ def main(argv=None):
     from sparrow_jax.models import registry, target as tg  # noqa: PLC0415
     from sparrow_jax.synthetic import evaluate as EV  # noqa: PLC0415
     from sparrow_jax.synthetic import world as W  # noqa: PLC0415
+    from sparrow_jax.synthetic import demo  # noqa: PLC0415
 
     target = Path(args.target)
     if not (target / "model.safetensors").is_file() or not (target / "tokenizer.json").is_file():
@@ -120,8 +121,9 @@ def main(argv=None):
     model = registry.load_target(target)
     codec = load_codec(target, model.cfg.text.vocab_size)
     asker = EV.Asker(model, codec)
-    wcfg = W.WorldConfig()
-    settings = {"world": {"height": wcfg.height, "width": wcfg.width, "fps": wcfg.fps}, "kinds": EV.QA_KINDS,
+    wcfg = demo.target_world(target)
+    settings = {"world": {"height": wcfg.height, "width": wcfg.width, "fps": wcfg.fps,
+                          **({k: getattr(wcfg, k) for k in W.SCENE_FIELDS} if wcfg != W.WorldConfig() else {})}, "kinds": EV.QA_KINDS,
                 "qa_max_new": EV.QA_MAX_NEW, "caption_max_new": "bucket32(1.25 * longest reference)", "v": 1}
     key = fingerprint(target, settings)
     work = Path(args.work) / f"{key}.jsonl"

@@ -124,8 +124,7 @@ def world_prompts(codec, cfg, target: Path, seconds: int, n: int):
     from sparrow_jax.synthetic import demo  # noqa: PLC0415
     from sparrow_jax.synthetic import world as W  # noqa: PLC0415
 
-    pre = target / "video_preprocessor_config.json"
-    wcfg = demo.world_config(pre) if pre.is_file() else W.WorldConfig()
+    wcfg = demo.target_world(target)
     ids = VisionTokenIds(cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id)
     scenes = [W.make_scene(s, seconds, wcfg) for s in W.split_seeds("test", n)]
     return scenes, [W.chat_prompt(codec, W.visual_from_frames(W.render(sc, wcfg), wcfg, roundtrip=True),

@@ -301,3 +301,20 @@ def test_text_only_samples_train_with_the_probe_loss_on(tmp_path, model_cfg):
     hist = TargetTrainer(cfg, samples=samples).run(progress=False)
     assert "vision_unexplained" not in hist[-1] and np.isfinite(hist[-1]["loss"])
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"], (hist[0], hist[-1])
+
+
+def test_export_of_a_world_run_writes_its_scene_settings(tmp_path):
+    """A target trained on the world exports world.json with the scene settings it saw (the demo and the
+    benches render its scenes that way); data without scene settings writes none."""
+    from sparrow_jax.synthetic import world as W  # noqa: PLC0415
+
+    tiny = ROOT / "configs" / "tiny.json"
+    ds = W.world_source(_tiny.our_config(json.loads(tiny.read_text())), 4,
+                        world={"sprite_scale": 2.0, "max_visible": 1, "max_events": 0})
+    cfg = TrainConfig.from_file_and_overrides(None, [
+        "task=target", f"target_config={tiny}", "target_seed=0", f"out_dir={tmp_path / 'run'}", "tensorboard=false",
+        "global_batch=2", "max_text=128"])
+    out = TargetTrainer(cfg, samples=ds).export(tmp_path / "hf")
+    assert W.scene_settings_from(out / W.WORLD_FILE) == ds.cfg == W.WorldConfig(sprite_scale=2.0, max_visible=1,
+                                                                                 max_events=0)
+    assert not (export_hf(_tiny.random_model(_tiny.our_config(CONFIG)), tmp_path / "plain") / W.WORLD_FILE).exists()

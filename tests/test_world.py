@@ -288,3 +288,22 @@ def test_static_world_has_no_events_and_one_background():
         assert all(W.score_answer(sc, q, q.answer) == 1.0 for q in qas)
     with pytest.raises(ValueError, match="max_events"):
         W.WorldConfig(max_events=-1)
+
+
+def test_scene_settings_round_trip_and_reach_the_demo_world(tmp_path):
+    """world.json (written beside a target trained on the world) carries its scene settings; the demo's
+    world_config applies them on top of the target's preprocessing; a bad file names itself."""
+    from sparrow_jax.synthetic import demo, tokenizer  # noqa: PLC0415
+
+    trained = W.WorldConfig(sprite_scale=2.0, max_visible=2, max_events=3)
+    W.save_scene_settings(tmp_path, trained)
+    tokenizer.save_preprocessor_config(tmp_path, trained)
+    assert demo.world_config(tmp_path / "video_preprocessor_config.json") == dataclasses.replace(
+        trained, max_frames=W.WorldConfig().max_frames)
+    assert demo.target_world(tmp_path).sprite_scale == 2.0 and demo.target_world(None) == W.WorldConfig()
+    (tmp_path / W.WORLD_FILE).write_text('{"sprite_scale": 2.0, "colours": 3}')
+    with pytest.raises(ValueError, match=r"world\.json.*colours"):
+        demo.world_config(tmp_path / "video_preprocessor_config.json")
+    (tmp_path / W.WORLD_FILE).write_text('{"sprite_scale": 9.0}')
+    with pytest.raises(ValueError, match=r"world\.json.*sprite_scale"):
+        W.scene_settings_from(tmp_path / W.WORLD_FILE)

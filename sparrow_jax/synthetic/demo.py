@@ -52,13 +52,24 @@ def shipped_draft(mode: str) -> Path | None:
 
 def world_config(preprocessor_json=SHIPPED_TARGET / "video_preprocessor_config.json") -> W.WorldConfig:
     """The world rendering that matches a target's video preprocessing (square frames of exactly its
-    pixel budget, its sampling rate), so the video is read at the resolution it was rendered at."""
+    pixel budget, its sampling rate), so the video is read at the resolution it was rendered at, and the
+    scene settings the target was trained on (`world.json` beside it, written by the target's export:
+    sprite scale, objects on screen, events) so its demo scenes look like its training scenes."""
     d = json.loads(Path(preprocessor_json).read_text())
     side = int(round(d["max_pixels"] ** 0.5))
     if d.get("min_pixels") != d["max_pixels"] or side * side != d["max_pixels"]:
         raise ValueError(f"{preprocessor_json}: the world renders square frames of one size; min_pixels "
                          f"{d.get('min_pixels')} / max_pixels {d['max_pixels']} do not name one")
-    return W.WorldConfig(height=side, width=side, fps=float(d["fps"]), max_frames=int(d.get("max_frames", 768)))
+    cfg = W.WorldConfig(height=side, width=side, fps=float(d["fps"]), max_frames=int(d.get("max_frames", 768)))
+    scene_file = Path(preprocessor_json).parent / W.WORLD_FILE
+    return W.scene_settings_from(scene_file, cfg) if scene_file.is_file() else cfg
+
+
+def target_world(target_dir) -> W.WorldConfig:
+    """The world of a target directory: `world_config` of its video_preprocessor_config.json, or the
+    default world for a directory without one (a random or foreign target)."""
+    pre = Path(target_dir or "") / "video_preprocessor_config.json"
+    return world_config(pre) if target_dir and pre.is_file() else W.WorldConfig()
 
 
 @dataclasses.dataclass

@@ -294,7 +294,10 @@ class TargetTrainer(Trainer):
 
     def export(self, out_dir) -> Path:
         self.check_finite_params("target")
-        return export_hf(self.model(), out_dir, tokenizer_dir=self.cfg.tokenizer_dir)
+        out = export_hf(self.model(), out_dir, tokenizer_dir=self.cfg.tokenizer_dir)
+        if hasattr(self.samples, "save_settings"):  # the world's scene settings, for demos and benches
+            self.samples.save_settings(out)
+        return out
 
 
 def export_hf(model, out_dir, *, tokenizer_dir=None) -> Path:
