@@ -55,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--content", action="store_true",
                     help="also the loss on content tokens only (colour, shape, size, background, motion and number "
                          "words): in a caption most tokens follow from the text, these only from the video")
+    ap.add_argument("--by-word", action="store_true",
+                    help="with --content: also the loss per attribute word (which facts the target reads)")
     args = ap.parse_args(argv)
     try:
         args.world = {k: json.loads(v) for k, v in (w.split("=", 1) for w in args.world)}
@@ -127,7 +129,8 @@ def main(argv=None):
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.models import registry  # noqa: PLC0415
     from sparrow_jax.synthetic import demo, world  # noqa: PLC0415
-    from sparrow_jax.training.target_trainer import answer_metrics, answer_sums, target_batch  # noqa: PLC0415
+    from sparrow_jax.training.target_trainer import answer_metrics, answer_sums, answer_token_ce, \
+        target_batch  # noqa: PLC0415
 
     if args.target:
         model, name, tok = registry.load_target(args.target), args.target, args.target
@@ -143,15 +146,17 @@ def main(argv=None):
         raise SystemExit(f"--world {args.world}: {e}") from None
     questions = held_out_questions(kinds, args.per_kind, args.duration, wcfg)
     sums = jax.jit(lambda b: answer_sums(model, b))
+    token_ce = jax.jit(lambda b: answer_token_ce(model, b))
     content = jnp.asarray(content_token_ids(codec, model.cfg.text.vocab_size)) if args.content else None
     env = environment()
     print(f"{name}: answer loss per token ({args.per_kind} held-out questions per kind, {args.duration} s)")
     cols = [c + sfx for c in args.conditions.split(",") for sfx in ("", ":content")[:1 + args.content]]
     print(f"{'kind':<12}" + "".join(f"{c:>14}" for c in cols))
+    scene_settings = {k: getattr(wcfg, k) for k in world.SCENE_FIELDS}
     for kind in kinds:
-        row = {}
+        row, per_word = {}, {}
         for cond in args.conditions.split(","):
-            tot = None
+            tot, words = None, {}
             items = questions[kind]
             for i0 in range(0, len(items), args.batch):
                 samples = [world.scene_sample(s, qa, codec, ids, wcfg, frames=world.ablate(world.render(s, wcfg), cond))
@@ -161,6 +166,10 @@ def main(argv=None):
                 if content is not None:
                     keep = dataclasses.replace(batch, weight_BL=batch.weight_BL * content[batch.labels_BL])
                     s |= {f"content_{k}": v for k, v in sums(keep).items()}
+                if content is not None and args.by_word:
+                    ce_BL, lab_BL = np.asarray(token_ce(batch)), np.asarray(batch.labels_BL)
+                    for b, j in zip(*np.nonzero(np.asarray(batch.weight_BL) * np.asarray(content)[lab_BL])):
+                        words.setdefault(codec.decode([int(lab_BL[b, j])]).strip(), []).append(float(ce_BL[b, j]))
                 tot = s if tot is None else jax.tree.map(jnp.add, tot, s)
             m = {k: float(v) for k, v in answer_metrics(tot).items()}
             if content is not None:
@@ -170,9 +179,17 @@ def main(argv=None):
             row[cond] = m["loss"]
             if content is not None:
                 row[f"{cond}:content"] = m["content_loss"]
+            if words:
+                per_word[cond] = m["by_word"] = {w: [len(v), float(np.mean(v))] for w, v in sorted(words.items())}
             write_jsonl(args.jsonl, {"bench": "answer_loss_by_kind", "model": name, "kind": kind, "condition": cond,
-                                     "duration_s": args.duration, "world": args.world, "questions": len(items), **m, **env})
+                                     "duration_s": args.duration, "world": args.world, "scene_settings": scene_settings,
+                                     "questions": len(items), **m, **env})
         print(f"{kind:<12}" + "".join(f"{row[c]:>14.4f}" for c in cols), flush=True)
+        if per_word:
+            conds = list(per_word)
+            for w in sorted(per_word[conds[0]], key=lambda w: -per_word[conds[0]][w][0]):
+                print(f"  {w:<10} n={per_word[conds[0]][w][0]:<4}" + "".join(
+                    f"{c}={per_word[c][w][1]:.3f}  " for c in conds if w in per_word[c]), flush=True)
 
 
 if __name__ == "__main__":

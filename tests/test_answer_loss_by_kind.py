@@ -54,7 +54,7 @@ def test_caption_probe_reports_content_loss(tmp_path):
     import answer_loss_by_kind as bench
 
     out = tmp_path / "probe.jsonl"
-    bench.main(["--target", str(SHIPPED), "--kinds", "caption", "--per-kind", "8", "--content",
+    bench.main(["--target", str(SHIPPED), "--kinds", "caption", "--per-kind", "8", "--content", "--by-word",
                 "--conditions", "real,blank", "--jsonl", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["condition"] for r in rows] == ["real", "blank"]
@@ -62,3 +62,7 @@ def test_caption_probe_reports_content_loss(tmp_path):
         # a caption names at least a background, a size, a colour and a shape per video
         assert r["kind"] == "caption" and r["content_tokens"] >= 4 * 8
         assert np.isfinite(r["content_loss"]) and 0 <= r["content_top1"] <= 1
+        # per word: counts add up to the content tokens, and their weighted mean is the content loss
+        n = sum(c for c, _ in r["by_word"].values())
+        assert n == r["content_tokens"]
+        assert sum(c * v for c, v in r["by_word"].values()) / n == pytest.approx(r["content_loss"], rel=1e-4)

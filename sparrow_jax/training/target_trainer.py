@@ -104,10 +104,19 @@ def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, 
     return TargetBatch(inputs, *(jnp.asarray(x) for x in (loss_idx, labels, weight, first)))
 
 
+def _answer_logits(model, batch: TargetBatch, impl: str = "xla", visual_feats=None):
+    h_BTD, _, _ = tg.forward(model, batch.inputs, impl=impl, visual_feats=visual_feats)
+    return model.logits(tg._gather_rows(h_BTD, batch.loss_idx_BL)).astype(jnp.float32)
+
+
+def answer_token_ce(model, batch: TargetBatch, impl: str = "xla") -> jax.Array:
+    """[B, L] cross-entropy of each answer slot (padding slots included; weight_BL says which count)."""
+    return optax.softmax_cross_entropy_with_integer_labels(_answer_logits(model, batch, impl), batch.labels_BL)
+
+
 def answer_sums(model, batch: TargetBatch, impl: str = "xla", visual_feats=None) -> dict:
     """Summed cross-entropy and top-1 hits over the answer tokens, and their counts."""
-    h_BTD, _, _ = tg.forward(model, batch.inputs, impl=impl, visual_feats=visual_feats)
-    logits_BLV = model.logits(tg._gather_rows(h_BTD, batch.loss_idx_BL)).astype(jnp.float32)
+    logits_BLV = _answer_logits(model, batch, impl, visual_feats)
     ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch.labels_BL)
     hit_BL = (jnp.argmax(logits_BLV, -1) == batch.labels_BL).astype(jnp.float32)
     return {"ce": (ce_BL * batch.weight_BL).sum(), "hits": (hit_BL * batch.weight_BL).sum(),
