@@ -3,7 +3,8 @@
 Cheaper than bench/target_reads_video.py (no generation): one forward per batch of held-out questions.
 
   python bench/answer_loss_by_kind.py --target shipped/tiny-qwen2.5-vl
-  python bench/answer_loss_by_kind.py --run configs/train_tiny_target_stage3.json     # its latest checkpoint
+  python bench/answer_loss_by_kind.py --run configs/target_curriculum/01_captions_static.json --world max_events=0 \
+      --world sprite_scale=2 --world max_visible=1 --kinds caption --content --by-word   # a run's latest checkpoint
 
 Held-out questions: validation-split scenes (8 s by default), `--per-kind` questions of each kind (the same
 ones for every model). Loss = mean cross-entropy per answer token (the answer's template words included, so

@@ -23,15 +23,9 @@ for cfg in configs/target_curriculum/[0-9][0-9]_*.json; do
     echo "$(date -u +%FT%TZ) $name: trained in $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
   fi
   # the probe: the stage's question kinds (all of them for the full mix) on scenes of the stage's world
-  read -r kinds world < <(python - "$cfg" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))["data_options"]
-kinds = ",".join(c.get("kinds") or ["background", "colour", "shape", "size", "count", "motion", "yesno"])
-print(kinds, " ".join(f"--world {k}={v}" for k, v in (c.get("world") or {}).items()) or "-")
-PY
-)
-  [[ "$world" == "-" ]] && world=""
-  # shellcheck disable=SC2086
-  python bench/answer_loss_by_kind.py --target "$out" --kinds "$kinds" $world \
+  # (the export's world.json), with the attribute-word loss for captions
+  kinds=$(python -c 'import json, sys; c = json.load(open(sys.argv[1]))["data_options"]
+print(",".join(c.get("kinds") or ["background", "colour", "shape", "size", "count", "motion", "yesno"]))' "$cfg")
+  python bench/answer_loss_by_kind.py --target "$out" --kinds "$kinds" --content \
       --jsonl bench/results/target_curriculum.jsonl 2>&1 | grep -v Warning | tee -a "$LOG"
 done

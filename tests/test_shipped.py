@@ -29,7 +29,7 @@ NEW_TOKENS = 16
 pytestmark = pytest.mark.skipif(
     not (TARGET / "model.safetensors").is_file(),
     reason=f"{TARGET}/model.safetensors absent: the shipped target is not trained yet "
-    "(python train.py --config configs/train_tiny_target.json, then export it there)")
+    "(bash scripts/train_reading_target.sh, then copy its last stage's export there)")
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +48,14 @@ def codec(target):
 
 @pytest.fixture(scope="module")
 def samples(target, codec):
-    """3 held-out 8 s world videos, each with a different question (caption, colour, count)."""
+    """3 held-out 8 s videos of the target's world (its world.json), each with a caption request in a
+    different phrasing (the task the target and its drafts are trained on)."""
     asker = EV.Asker(target, codec)
+    wcfg = demo.target_world(TARGET)
     out = []
     for k, seed in enumerate(W.split_seeds("test", 3, offset=1000)):
-        scene = W.make_scene(seed, W.LENGTHS["short"])
-        items = EV.scene_items(scene)
-        q = [items[0]] + [next(i for i in items if i.kind == kind) for kind in ("colour", "count")]
-        out.append(W.chat_prompt(codec, EV.condition_visual(scene, "real"), q[k].question, asker.ids))
+        scene = W.make_scene(seed, W.LENGTHS["short"], wcfg)
+        out.append(W.chat_prompt(codec, EV.condition_visual(scene, "real", wcfg), W.CAPTION_QUESTIONS[k], asker.ids))
     return out
 
 
@@ -85,7 +85,9 @@ def test_tokenizer_and_preprocessing_fit_the_world(target):
 
     W.world_source(target.cfg, 1, tokenizer_dir=TARGET)  # raises when the special ids disagree
     assert load_codec(TARGET, target.cfg.text.vocab_size).encode("<|im_end|>") == list(target.cfg.eos_token_ids)
-    assert demo.world_config(TARGET / "video_preprocessor_config.json") == W.WorldConfig()
+    base = W.WorldConfig()
+    trained = W.scene_settings_from(TARGET / W.WORLD_FILE, base) if (TARGET / W.WORLD_FILE).is_file() else base
+    assert demo.world_config(TARGET / "video_preprocessor_config.json") == trained
 
 
 def test_transformers_greedy_equals_ours(target, samples):

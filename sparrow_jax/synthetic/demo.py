@@ -121,7 +121,7 @@ def resolve_defaults(args) -> tuple[Sample | None, list[str]]:
                 args.tokenizer = str(SHIPPED_TARGET)
             notes.append(f"no trained weights in {SHIPPED_TARGET} (model.safetensors): running a random-initialised "
                          f"target of {DEFAULT_CONFIG.relative_to(ROOT)} — its answer is noise. Train the shipped one "
-                         "with: python train.py --config configs/train_tiny_target.json")
+                         "with: bash scripts/train_reading_target.sh (then scripts/build_shipped.sh copies it there)")
     is_shipped = args.target is not None and Path(args.target).resolve() == SHIPPED_TARGET.resolve()
     if args.draft is None and args.mode != "ar" and is_shipped:
         found = shipped_draft(args.mode)
