@@ -49,7 +49,7 @@ def test_no_weights_no_inputs_falls_back_to_a_random_target(shipped):
     target, _ = shipped
     args, sample, notes = _resolve([])
     assert args.target is None and args.config == str(demo.DEFAULT_CONFIG) and args.tokenizer == str(target)
-    assert "random-initialised" in notes[0] and "train.py" in notes[0]
+    assert "random-initialised" in notes[0] and "train_reading_target.sh" in notes[0]
     assert sample is not None and sample.path.is_file() and args.video == [str(sample.path)]
     assert args.prompt == [demo.QUESTION] and sample.scene.seed in W.split_seeds("test", 1)
     assert args.compare_ar and args.max_new_tokens == demo.MAX_NEW_TOKENS[False] and args.repeats == 3
