@@ -27,7 +27,7 @@ def test_probe_rows_per_kind_and_condition(tmp_path, capsys):
         assert r["questions"] == 8 and r["world"] == {"sprite_scale": 1.0} and np.isfinite(r["loss"]) and 0 <= r["top1"] <= 1 and r["command"]
     for k in ("background", "colour"):
         real = [r["loss"] for r in rows if r["kind"] == k and r["condition"] == "real"]
-        assert real[0] == pytest.approx(real[1], abs=1e-6)
+        assert real[0] == pytest.approx(real[1], rel=1e-5)  # fp32 summation order
     assert "background" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.parse_args(["--target", str(SHIPPED), "--per-kind", "5"])
