@@ -18,6 +18,7 @@ from flax import nnx
 from sparrow_jax.decoding import streaming
 from sparrow_jax.decoding.sampling import SamplingArrays, SamplingParams, as_sampling, select_tokens
 from sparrow_jax.models import target as tg
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
 
 
@@ -37,7 +38,7 @@ def _is_eos(tok_B, eos_ids):
 
 
 def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, *, max_new_tokens: int,
-                sampling=None, eos_ids: tuple[int, ...] = (), impl: str = "xla", on_emit=None,
+                sampling=None, eos_ids: tuple[int, ...] = (), impl: AttentionImpl = XLA, on_emit=None,
                 key_visible_LBS=None) -> GenerationResult:
     """Generate up to `max_new_tokens` per row after `prefill` (its cache, last logits and rope delta).
     The cache must have room for them (`cache_capacity`); it is donated. `sampling`: None (greedy),
@@ -54,7 +55,7 @@ def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "impl"), donate_argnames=("cache",))
 def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, sampling: SamplingArrays | None = None,
             emit_id=None, key_visible_LBS=None, *, max_new_tokens: int, eos_ids: tuple[int, ...] = (),
-            impl: str = "xla") -> GenerationResult:
+            impl: AttentionImpl = XLA) -> GenerationResult:
     """The jitted loop behind `ar_generate` (sampling and the streaming hook id are traced)."""
     model = nnx.merge(graphdef, params)
     B = last_logits_BV.shape[0]
@@ -98,7 +99,7 @@ def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int = 1) -> int:
 
 
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams | None = None, seed: int = 0,
-             eos_ids=None, m_star: int | None = None, impl: str = "xla", prepare=None):
+             eos_ids=None, m_star: int | None = None, impl: AttentionImpl = XLA, prepare=None):
     """Convenience host wrapper: prompts -> list of generated token lists (EOS included)."""
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 

@@ -36,6 +36,7 @@ from sparrow_jax.decoding.tree import Tree, TreeSpec, select_tree
 from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models import target as tg
 from sparrow_jax.models import views
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
 
 # Decode modes and the draft view each runs (models/views.py): text_only = Sparrow/EAGLE (view none),
@@ -47,12 +48,16 @@ VISUAL_MODES = views.MODES
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """What shapes the compiled loop (a static jit argument). Sampling settings are traced per-row
-    arrays and the streaming hook a traced id, both passed next to it (sampling.py, streaming.py)."""
+    arrays and the streaming hook a traced id, both passed next to it (sampling.py, streaming.py).
+    `impl`: the attention implementation; "xla" / "pallas" are converted here, once."""
 
     tree: TreeSpec
     max_new_tokens: int
     eos_ids: tuple[int, ...] = ()
-    impl: str = "xla"
+    impl: AttentionImpl = XLA
+
+    def __post_init__(self):
+        object.__setattr__(self, "impl", AttentionImpl.of(self.impl))
 
     @property
     def block(self) -> int:
@@ -136,7 +141,7 @@ def draft_positions(prompts, mode: str, T: int, keep_fraction: float = views.DEF
     return lay.idx_BP, lay.len_B, lay.keep_vis_B
 
 
-def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: str = "xla"):
+def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: AttentionImpl = XLA):
     """The draft over its items (views: text items through the FC, visual items as given): output
     states [B, P, D] and per-layer K/V. The same function the trainer's pass 0 computes per slot."""
     x = draft.view_input(e_BPD, hprev_BPD, text_BP)
@@ -145,7 +150,7 @@ def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: str = 
 
 @partial(jax.jit, static_argnames=("dgraph", "capacity", "impl", "outputs"))
 def draft_prefill(dgraph, dparams, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, next_pos_B, *, capacity: int,
-                  impl: str = "xla", outputs: bool = False):
+                  impl: AttentionImpl = XLA, outputs: bool = False):
     """Run the draft over its prompt items and return its cache (rows valid up to len_B; the next item
     sits at draft position next_pos_B), and with `outputs` also the output states [B, P, D]."""
     draft = nnx.merge(dgraph, dparams)
@@ -166,7 +171,7 @@ def _take(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec, impl: str) -> Tree:
+def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec, impl: AttentionImpl) -> Tree:
     """EAGLE-2 expansion (see tree.py; cnets1.py `topK_genrate`): level 1 from the root's draft output,
     then `spec.depth` steps, each feeding the k-node frontier and adding its k*k children, so levels run
     1..depth+1. The root's pair is already in the draft cache, so the root sits at draft position
