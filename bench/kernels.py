@@ -6,7 +6,7 @@ For each op, both sides are jitted and called on the same inputs; each reports t
   tree_verify  target verify: N tree tokens over a long committed cache + the tree block (split-K)
   prefill      causal prefill of one sequence (forward)
   prefill_grad forward + backward of the prefill (custom VJP vs autodiff of the XLA path)
-The XLA side is `sparrow_jax.models.attention.attention(..., impl="xla")` (dense, or blockwise for
+The XLA side is `sparrow_jax.models.attention.attention(...)` with impl XLA (dense, or blockwise for
 large prefill — what the engine runs). The Pallas side calls the kernels directly with the dispatch's
 accelerator block sizes (`DispatchConfig()` defaults: block_q 128, block_rows 64, block_kv 128,
 verify chunk 2048).
@@ -100,7 +100,7 @@ def fns(name, cfg: dispatch.DispatchConfig):
     be = cfg.resolved_backend()
     if name in ("vata", "tree_verify"):
         def xla(q, k, v, lens, bk, bv, m):
-            return attention(q, k, v, MaskSpec(kv_len_B=lens, block_mask_BTN=m), block_k=bk, block_v=bv, impl="xla")
+            return attention(q, k, v, MaskSpec(kv_len_B=lens, block_mask_BTN=m), block_k=bk, block_v=bv)
         if name == "vata":
             def pal(*a):
                 return vata_attention(*a, block_rows=cfg.block_rows, block_kv=cfg.block_kv, backend=be)
@@ -111,7 +111,7 @@ def fns(name, cfg: dispatch.DispatchConfig):
         return jax.jit(pal), jax.jit(xla)
 
     def xla_fwd(q, k, v, lens):
-        return attention(q, k, v, MaskSpec(kv_len_B=lens, causal=True), impl="xla")
+        return attention(q, k, v, MaskSpec(kv_len_B=lens, causal=True))
 
     def pal_fwd(q, k, v, lens):
         return prefill_attention(q, k, v, lens, causal=True, block_q=cfg.block_q, block_kv=cfg.block_kv, backend=be)

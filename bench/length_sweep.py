@@ -167,10 +167,10 @@ def record_key(r: dict) -> tuple:
 class Decoders:
     """The target, its drafts and the timed runs of one prompt (decode.py --compare-ar's protocol)."""
 
-    def __init__(self, model, drafts: dict, impl: str, seed: int):
+    def __init__(self, model, drafts: dict, seed: int):
         from flax import nnx  # noqa: PLC0415
 
-        self.model, self.cfg, self.drafts, self.impl = model, model.cfg, drafts, impl
+        self.model, self.cfg, self.drafts = model, model.cfg, drafts
         self.tgraph, self.tparams = nnx.split(model)
         self.split = {m: nnx.split(d["draft"]) for m, d in drafts.items()}
         self.seed = seed
@@ -191,11 +191,11 @@ class Decoders:
             tg.check_context(batch, self.cfg.text, ecfg.max_new_tokens)
             capacity = cache_capacity(batch.input_ids_BT.shape[1], ecfg.max_new_tokens, ecfg.cache_slack)
             pre = jax.block_until_ready(tg.prefill(self.tgraph, self.tparams, batch, capacity=capacity,
-                                                   m_star=tg.default_m_star(self.cfg.num_layers), impl=self.impl))
+                                                   m_star=tg.default_m_star(self.cfg.num_layers), impl=ecfg.impl))
             t1 = time.perf_counter()
             res = jax.block_until_ready(ar_generate(
                 self.tgraph, self.tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
-                max_new_tokens=ecfg.max_new_tokens, sampling=sampling, eos_ids=ecfg.eos_ids, impl=self.impl))
+                max_new_tokens=ecfg.max_new_tokens, sampling=sampling, eos_ids=ecfg.eos_ids, impl=ecfg.impl))
             t2 = time.perf_counter()
             out = {"prompt_bucket": int(batch.input_ids_BT.shape[1])}
         else:
@@ -401,7 +401,7 @@ def main(argv=None) -> list[dict]:
         sys.exit(f"length_sweep.py: error: {' '.join(str(e).split())}")
     cfg = model.cfg
     ids = VisionTokenIds(cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id)
-    dec = Decoders(model, drafts, args.attention, args.seed)
+    dec = Decoders(model, drafts, args.seed)
 
     settings = {"world": {"height": wcfg.height, "width": wcfg.width, "fps": wcfg.fps}, "question": W.CAPTION_QUESTIONS[0],
                 "dtype": args.dtype, "attention": args.attention, "repeats": args.repeats, "seed": args.seed,

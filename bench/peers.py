@@ -263,7 +263,7 @@ def run_target(name: str, path: Path, methods: dict, args, bar) -> list[dict]:
     ns = SimpleNamespace(target=str(path), config=None, tokenizer=None, seed=args.seed, methods=methods)
     model, source, codec, wcfg, _, _, drafts = LS.load(ns, jnp.float32)
     cfg = model.cfg
-    dec = LS.Decoders(model, drafts, "xla", args.seed)
+    dec = LS.Decoders(model, drafts, args.seed)
     hf = HFPeer(path, lookup_tokens=args.lookup_tokens,
                 assistant_layers=args.assistant_layers if name == "target" else 0)
     ids = VisionTokenIds(cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id, cfg.video_token_id)

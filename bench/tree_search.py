@@ -207,7 +207,7 @@ def main(argv=None):
         if name == "ar":
             res = jax.block_until_ready(ar_generate(tgraph, tparams, tcache, p.pre.last_logits_BV, p.pre.rope_delta_B,
                                                     key, max_new_tokens=M, sampling=SamplingParams(), eos_ids=eos,
-                                                    impl=args.attention))
+                                                    impl=cap_cfg.impl))
             dt = time.perf_counter() - t0
             return np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B), dt, None, None
         res = jax.block_until_ready(E.speculative_generate(

@@ -1,6 +1,6 @@
 """Pallas attention kernels for sparrow-jax: VATA draft attention, tree-verify (split-K) attention and
 blockwise prefill attention (with segment ids and a custom VJP), plus plain-jnp references and the
-dispatch behind `sparrow_jax.models.attention.attention(..., impl="pallas")`.
+dispatch behind `sparrow_jax.models.attention.attention(..., impl=AttentionImpl("pallas"))`.
 
 On CPU every kernel runs under the Pallas interpreter (chosen automatically). GPU (Triton) and TPU
 (Mosaic) builds lower (checked by cross-platform export in the tests) but have not been compiled or

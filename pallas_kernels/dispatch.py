@@ -1,15 +1,18 @@
-"""Kernel-or-XLA dispatch behind `sparrow_jax.models.attention.attention(..., impl="pallas")`
+"""Kernel-or-XLA dispatch behind `sparrow_jax.models.attention.attention(..., impl=AttentionImpl("pallas"))`
 (reached from `decode.py --attention pallas` through EngineConfig.impl / prefill / verify).
 
-Routing (static: decided at trace time from shapes, dtypes, backend and the active config):
+Routing (static: decided at trace time from shapes, dtypes, backend and the `DispatchConfig` the
+caller passes — `AttentionImpl.blocks`, or `default_config()` for the backend):
 - no extra block (`block_k is None`): prefill / training / vision segments -> `prefill_attention`
   (causal or not, per-row key lengths; needs T == S when causal);
 - committed cache + extra block under a mask (decode, verify, draft catch-up, draft tree steps):
   cache capacity S >= `split_min_len` -> `tree_verify_attention` (split-K over chunks), else
   `vata_attention` (single pass). The draft's text-only cache is short (VATA); the target's
   video cache is long (tree verify). Both compute the same function.
-- anything a kernel cannot take goes to the XLA path, with the reason logged once
-  (`route` returns it; tests use that).
+- anything a kernel cannot take goes to the XLA path, with the reason logged once (`route` returns it).
+Each route runs as a jitted function named `sparrow_attn_<route>`, so every call site stays a
+`call @sparrow_attn_<route>` in the lowered program, forward and backward: `routes_in(lowered)` reads
+which routes a program takes (tests check the kernels, not the fallback, ran — under `grad` too).
 Training differentiates either way: the prefill kernel through its custom VJP, the XLA fallback through
 dense autodiff or the blockwise path's custom VJP (`TrainConfig.attention = "pallas"`).
 
@@ -21,10 +24,11 @@ the Pallas interpreter (`interpret=True`, chosen automatically). GPU/TPU lowerin
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
+import re
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common as C
@@ -35,6 +39,8 @@ from pallas_kernels.vata import vata_attention
 log = logging.getLogger("pallas_kernels")
 
 KERNELS = ("prefill", "vata", "tree_verify")
+ROUTES = KERNELS + ("xla",)
+PREFIX = "sparrow_attn_"  # the jitted route functions' names, kept by the lowering
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +55,15 @@ class DispatchConfig:
     vmem_budget_bytes: int = 12 << 20
     backend: C.Backend | None = None  # None: detect from jax.default_backend()
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            least = 0 if f.name == "vmem_budget_bytes" else 1  # budget 0: every TPU whole-row kernel to XLA
+            if f.name != "backend" and (not isinstance(v, int) or v < least):
+                raise ValueError(f"DispatchConfig.{f.name} {v!r}: expected an int >= {least}")
+        if self.backend is not None and not isinstance(self.backend, C.Backend):
+            raise TypeError(f"DispatchConfig.backend {self.backend!r}: expected a pallas_kernels.Backend")
+
     def resolved_backend(self) -> C.Backend:
         return self.backend or C.Backend.detect()
 
@@ -56,27 +71,13 @@ class DispatchConfig:
 # Interpret mode: small blocks keep the CPU interpreter fast and exercise multi-block paths.
 INTERPRET_DEFAULTS = dict(block_q=32, block_rows=32, block_kv=32, verify_chunk=64, split_min_len=128)
 
-_override: DispatchConfig | None = None
 
-
-def current_config() -> DispatchConfig:
-    if _override is not None:
-        return _override
-    backend = C.Backend.detect()
-    return DispatchConfig(**INTERPRET_DEFAULTS) if backend.interpret else DispatchConfig()
-
-
-@contextlib.contextmanager
-def override(**kwargs):
-    """Temporarily replace fields of the active config (read at trace time: functions already jitted
-    keep their routing until retraced, e.g. after `jax.clear_caches()`)."""
-    global _override
-    prev = _override
-    _override = dataclasses.replace(current_config(), **kwargs)
-    try:
-        yield _override
-    finally:
-        _override = prev
+def default_config(**fields) -> DispatchConfig:
+    """The block sizes for `fields["backend"]` (absent: the detected one): accelerator defaults, or small
+    interpreter blocks on CPU; `fields` replace some of them (e.g. `split_min_len=160`)."""
+    backend = fields.get("backend") or C.Backend.detect()
+    base = DispatchConfig(**INTERPRET_DEFAULTS) if backend.interpret else DispatchConfig()
+    return dataclasses.replace(base, **fields)
 
 
 def _tpu_vmem_bytes(S: int, E: int, itemsize: int) -> int:
@@ -84,8 +85,8 @@ def _tpu_vmem_bytes(S: int, E: int, itemsize: int) -> int:
 
 
 def route(q_BTHE, k_BSKE, v_BSKE, mask, *, block_k=None, block_v=None, config: DispatchConfig | None = None):
-    """(kernel name or "xla", reason). Works on arrays or ShapeDtypeStructs."""
-    cfg = config or current_config()
+    """(kernel name or "xla", reason). Works on arrays or ShapeDtypeStructs. `config` None: `default_config()`."""
+    cfg = config or default_config()
     backend = cfg.resolved_backend()
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
@@ -119,29 +120,70 @@ def route(q_BTHE, k_BSKE, v_BSKE, mask, *, block_k=None, block_v=None, config: D
 
 
 _logged: set[str] = set()
-# Trace-time count of the routes taken (kernel names and "xla"); lets tests and benchmarks check
-# that the kernels, not the fallback, ran.
-route_counts: collections.Counter = collections.Counter()
 
 
-def attention(q_BTHE, k_BSKE, v_BSKE, mask, *, block_k=None, block_v=None):
-    """Same contract as `sparrow_jax.models.attention.attention`."""
-    cfg = current_config()
-    name, reason = route(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, config=cfg)
-    backend = cfg.resolved_backend()
-    route_counts[name] += 1
-    if name == "xla":
-        if reason not in _logged:
-            _logged.add(reason)
-            log.warning("pallas attention -> XLA path: %s", reason)
-        from sparrow_jax.models import attention as attn_lib  # noqa: PLC0415
+def log_fallback(reason: str):
+    """Warn once per distinct reason that a call took the XLA path."""
+    if reason not in _logged:
+        _logged.add(reason)
+        log.warning("pallas attention -> XLA path: %s", reason)
 
-        return attn_lib.attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, impl="xla")
+
+def routed(name: str, **jit_kwargs):
+    """Decorator: jit `fn` under the name `sparrow_attn_<name>` (what `routes_in` finds)."""
+    if name not in ROUTES:
+        raise ValueError(f"route {name!r}: expected one of {ROUTES}")
+
+    def wrap(fn):
+        fn.__name__ = fn.__qualname__ = PREFIX + name
+        return jax.jit(fn, **jit_kwargs)
+
+    return wrap
+
+
+@routed("prefill", static_argnames=("causal", "cfg"))
+def _prefill(q_BTHE, k_BSKE, v_BSKE, kv_len_B, *, causal: bool, cfg: DispatchConfig):
+    return prefill_attention(q_BTHE, k_BSKE, v_BSKE, kv_len_B, causal=causal, block_q=cfg.block_q,
+                             block_kv=cfg.block_kv, backend=cfg.resolved_backend())
+
+
+@routed("vata", static_argnames=("cfg",))
+def _vata(q_BTHE, k_BSKE, v_BSKE, kv_len_B, block_k, block_v, block_mask_BTN, *, cfg: DispatchConfig):
+    return vata_attention(q_BTHE, k_BSKE, v_BSKE, kv_len_B, block_k, block_v, block_mask_BTN,
+                          block_rows=cfg.block_rows, block_kv=cfg.block_kv, backend=cfg.resolved_backend())
+
+
+@routed("tree_verify", static_argnames=("cfg",))
+def _tree_verify(q_BTHE, k_BSKE, v_BSKE, kv_len_B, block_k, block_v, block_mask_BTN, *, cfg: DispatchConfig):
+    return tree_verify_attention(q_BTHE, k_BSKE, v_BSKE, kv_len_B, block_k, block_v, block_mask_BTN,
+                                 block_rows=cfg.block_rows, block_kv=cfg.block_kv, chunk=cfg.verify_chunk,
+                                 backend=cfg.resolved_backend())
+
+
+def run_kernel(name: str, q_BTHE, k_BSKE, v_BSKE, mask, *, block_k=None, block_v=None, config: DispatchConfig):
+    """Run kernel route `name` (from `route`; not "xla") with `config`'s block sizes."""
     if name == "prefill":
-        return prefill_attention(q_BTHE, k_BSKE, v_BSKE, mask.kv_len_B, causal=mask.causal, block_q=cfg.block_q,
-                                 block_kv=cfg.block_kv, backend=backend)
-    args = (q_BTHE, k_BSKE, v_BSKE, mask.kv_len_B, block_k, block_v, mask.block_mask_BTN)
-    if name == "vata":
-        return vata_attention(*args, block_rows=cfg.block_rows, block_kv=cfg.block_kv, backend=backend)
-    return tree_verify_attention(*args, block_rows=cfg.block_rows, block_kv=cfg.block_kv, chunk=cfg.verify_chunk,
-                                 backend=backend)
+        return _prefill(q_BTHE, k_BSKE, v_BSKE, mask.kv_len_B, causal=mask.causal, cfg=config)
+    fn = {"vata": _vata, "tree_verify": _tree_verify}[name]
+    return fn(q_BTHE, k_BSKE, v_BSKE, mask.kv_len_B, block_k, block_v, mask.block_mask_BTN, cfg=config)
+
+
+_FUNC = re.compile(r"func\.func\s+(?:\w+\s+)*@([\w.$-]+)")
+_CALL = re.compile(r"call @" + PREFIX + r"([a-z_]+?)(?:_\d+)?\(")
+
+
+def routes_in(program) -> collections.Counter:
+    """Which attention routes a lowered program calls: `jax.jit(f).lower(...)` or its `.as_text()`
+    -> Counter {route: call sites}, routes from `ROUTES` (kernels, or "xla" for the fallback). Call
+    sites are counted in the program text (a layer loop in Python gives one per layer; a differentiated
+    program has its forward and backward calls), not inside the routes' own bodies. impl "xla" never
+    goes through the dispatch: its programs have no routes."""
+    text = program if isinstance(program, str) else program.as_text()
+    counts: collections.Counter = collections.Counter()
+    in_route = False
+    for line in text.splitlines():
+        if (m := _FUNC.search(line)) is not None:
+            in_route = m.group(1).startswith(PREFIX)
+        elif not in_route:
+            counts.update(c.group(1) for c in _CALL.finditer(line))
+    return counts

@@ -43,6 +43,7 @@ from sparrow_jax.io.draft_checkpoint import import_official
 from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX, load_codec
 from sparrow_jax.models import registry, views
 from sparrow_jax.models import target as tg
+from sparrow_jax.models.attention import IMPL_KINDS
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.qwen2_5_vl import rope_index
 
@@ -51,7 +52,7 @@ __all__ = ["DecodeConfig", "GenerationOutput", "Processor", "SamplingParams", "S
 # Decode modes (decode.py --mode) and the engine mode each runs (models/views.py: the draft's view).
 ENGINE_MODE = {"sparrow": "text_only", **{m: m for m in views.MODE_VIEW if m != "text_only"}}
 MODES = ("ar", *ENGINE_MODE)
-ATTENTION = ("xla", "pallas")
+ATTENTION = IMPL_KINDS  # DecodeConfig.attention: a string (it is recorded); EngineConfig converts it
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RANDOM_DRAFT = "random draft (lossless, but rarely accepted)"
 
@@ -506,12 +507,12 @@ class SpecDecoder:
             tg.check_context(batch, tcfg.text, config.max_new_tokens)
             capacity = cache_capacity(batch.input_ids_BT.shape[1], config.max_new_tokens, ecfg.cache_slack)
             pre = jax.block_until_ready(tg.prefill(self.tgraph, self.tparams, batch, capacity=capacity, m_star=m_star,
-                                                   impl=config.attention))
+                                                   impl=ecfg.impl))
             t1 = time.perf_counter()
             res = jax.block_until_ready(ar_generate(
                 self.tgraph, self.tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
                 max_new_tokens=config.max_new_tokens, sampling=config.sampling, eos_ids=ecfg.eos_ids,
-                impl=config.attention, on_emit=on_emit))
+                impl=ecfg.impl, on_emit=on_emit))
             t2 = time.perf_counter()
             return Run(config, tree, m_star, np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B), t1 - t0, t2 - t1,
                        batch)

@@ -113,17 +113,20 @@ def test_draft_gradient_past_the_dense_limit(monkeypatch):
 
 def test_pallas_fallback_is_differentiable_and_logged(caplog):
     """Shapes the Pallas prefill kernel cannot take go to the XLA path (reason logged once), which
-    trains too."""
+    trains too: the differentiated program calls the fallback, forward and backward, and no kernel."""
     from pallas_kernels import common as C
     from pallas_kernels import dispatch
 
     q, k, v, w = _qkv(4, 2, 24, 4, 2, 8)
     mask = MaskSpec(kv_len_B=jnp.asarray([24, 10], jnp.int32), causal=True)
-    with dispatch.override(backend=C.Backend("tpu", interpret=True), vmem_budget_bytes=0), \
-            caplog.at_level("WARNING", logger="pallas_kernels"):
-        assert dispatch.route(q, k, v, mask)[0] == "xla"
-        _, g_p = _value_and_grads(lambda q, k, v: attn_lib.attention(q, k, v, mask, impl="pallas"), q, k, v, w)
+    impl = attn_lib.AttentionImpl.pallas(backend=C.Backend("tpu", interpret=True), vmem_budget_bytes=0)
+    fn = lambda q, k, v: attn_lib.attention(q, k, v, mask, impl=impl)  # noqa: E731
+    with caplog.at_level("WARNING", logger="pallas_kernels"):
+        assert dispatch.route(q, k, v, mask, config=impl.blocks)[0] == "xla"
+        _, g_p = _value_and_grads(fn, q, k, v, w)
     assert "VMEM budget" in caplog.text
+    grad = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v) * w).sum(), argnums=(0, 1, 2)))
+    assert dispatch.routes_in(grad.lower(q, k, v)) == {"xla": 2}
     _, g_d = _value_and_grads(lambda q, k, v: dense_attention(q, k, v, mask), q, k, v, w)
     for gp, gd in zip(g_p, g_d):
         assert _rel_err(gp, gd) <= 1e-5
@@ -154,16 +157,18 @@ def test_trainer_step_pallas_matches_xla(small_target, tmp_path, monkeypatch):
             "tensorboard=false"]
     with pytest.raises(ValueError, match="attention 'flash'"):
         trainer_lib.TrainConfig.from_file_and_overrides(None, base + ["attention=flash"])
-    metrics, grads = {}, {}
+    metrics, grads, routes = {}, {}, {}
     for impl in ("xla", "pallas"):
         cfg = trainer_lib.TrainConfig.from_file_and_overrides(None, base + [f"attention={impl}",
                                                                             f"out_dir={tmp_path / impl}"])
         tr = trainer_lib.Trainer(cfg, samples=samples, log=lambda *a: None)
-        before, kernel_runs = jax.device_get(tr.params), dispatch.route_counts["prefill"]
+        routes[impl] = dispatch.routes_in(tr.lower_step(tr.next_batch()))
+        before = jax.device_get(tr.params)
         (metrics[impl],) = tr.run(1, resume=False, progress=False)
         grads[impl] = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), jax.device_get(tr.params), before)
-        if impl == "pallas":  # the kernel ran, not the XLA fallback (counted at trace time)
-            assert dispatch.route_counts["prefill"] > kernel_runs
+    # pallas: every draft attention call is the prefill kernel, forward and backward (never the fallback):
+    # one forward per draft layer and pass (pass 0 + 2 MTP passes), each with its backward
+    assert routes == {"xla": {}, "pallas": {"prefill": 2 * 3 * cfg.draft_layers}}, routes
     for key, x in metrics["xla"].items():
         if key != "step_s":
             assert abs(metrics["pallas"][key] - x) <= 1e-4 * max(1.0, abs(x)), key

@@ -116,7 +116,7 @@ def test_study_mask_refuses_other_paths():
     q = jnp.zeros((1, 4, 2, 8))
     mask = attn_lib.MaskSpec(kv_len_B=jnp.asarray([4]), causal=True, key_visible_BS=jnp.ones((1, 4), bool))
     with pytest.raises(ValueError, match="key_visible_BS"):
-        attn_lib.attention(q, q[:, :, :1], q[:, :, :1], mask, impl="pallas")
+        attn_lib.attention(q, q[:, :, :1], q[:, :, :1], mask, impl=attn_lib.AttentionImpl("pallas"))
     with pytest.raises(ValueError, match="key_visible_BS"):
         attn_lib.blockwise_attention(q, q[:, :, :1], q[:, :, :1], mask)
 

@@ -14,7 +14,7 @@ from pallas_kernels import reference as R
 from pallas_kernels.prefill import prefill_attention
 from pallas_kernels.tree_verify import tree_verify_attention
 from pallas_kernels.vata import vata_attention
-from sparrow_jax.models.attention import MaskSpec, attention, dense_attention
+from sparrow_jax.models.attention import XLA, AttentionImpl, MaskSpec, attention, dense_attention
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # jitted references: one compile per shape instead of one per eager op (keeps the suite fast)
@@ -228,35 +228,53 @@ def test_dispatch_routes_and_reasons():
 
 
 def test_library_attention_impl_pallas_matches_xla():
-    """`attention(..., impl="pallas")` (what the models call) == the XLA path for the three call
-    kinds; an unsupported head_dim falls back to XLA transparently."""
+    """`attention(..., impl=AttentionImpl("pallas"))` (what the models call) == the XLA path for the three
+    call kinds, each running its kernel (read from the lowered program); an unsupported head_dim falls
+    back to XLA transparently; impl XLA never goes through the dispatch."""
     rng = np.random.default_rng(70)
     B, T, H, K, E, S = 2, 6, 4, 2, 16, 40
     q, k, v = _normal(rng, (B, T, H, E), jnp.float32), _normal(rng, (B, S, K, E), jnp.float32), \
         _normal(rng, (B, S, K, E), jnp.float32)
     bk, bv = _normal(rng, (B, T, K, E), jnp.float32), _normal(rng, (B, T, K, E), jnp.float32)
     blk = MaskSpec(kv_len_B=jnp.asarray([17, 40]), block_mask_BTN=jnp.tril(jnp.ones((B, T, T), bool)))
-    before = dict(dispatch.route_counts)
 
-    def both(*args, **kw):  # jitted: one compile per call kind (the eager path compiles op by op)
+    def routes(impl, *args, **kw):  # jitted: one compile per call kind (the eager path compiles op by op)
         f = jax.jit(lambda impl, *a: attention(*a, impl=impl, **kw), static_argnums=0)
-        _check(f("pallas", *args), f("xla", *args), jnp.float32)
+        _check(f(impl, *args), f(XLA, *args), jnp.float32)
+        assert dispatch.routes_in(f.lower(XLA, *args)) == {}
+        return dispatch.routes_in(f.lower(impl, *args))
 
-    for split in (1 << 20, 16):  # vata, then tree_verify
-        with dispatch.override(split_min_len=split):
-            both(q, k, v, blk, block_k=bk, block_v=bv)
+    assert routes(AttentionImpl.pallas(split_min_len=1 << 20), q, k, v, blk, block_k=bk, block_v=bv) == {"vata": 1}
+    assert routes(AttentionImpl.pallas(split_min_len=16), q, k, v, blk, block_k=bk, block_v=bv) == {"tree_verify": 1}
     qs, ks, vs = _normal(rng, (3, S, H, E), jnp.float32), _normal(rng, (3, S, K, E), jnp.float32), \
         _normal(rng, (3, S, K, E), jnp.float32)
     for causal in (True, False):
-        both(qs, ks, vs, MaskSpec(kv_len_B=jnp.asarray([S, 9, 1]), causal=causal))
-    after = dispatch.route_counts
-    assert all(after[n] - before.get(n, 0) >= 1 for n in ("vata", "tree_verify", "prefill"))
+        assert routes(AttentionImpl("pallas"), qs, ks, vs, MaskSpec(kv_len_B=jnp.asarray([S, 9, 1]), causal=causal)) \
+            == {"prefill": 1}
     odd = _normal(rng, (1, 8, 2, 12), jnp.float32)  # head_dim 12: not a Triton block size
     m = MaskSpec(kv_len_B=jnp.asarray([8]), block_mask_BTN=jnp.eye(8, dtype=bool)[None])
-    xla_before = after["xla"]
-    np.testing.assert_array_equal(np.asarray(attention(odd, odd, odd, m, block_k=odd, block_v=odd, impl="pallas")),
-                                  np.asarray(attention(odd, odd, odd, m, block_k=odd, block_v=odd, impl="xla")))
-    assert dispatch.route_counts["xla"] == xla_before + 1
+    assert routes(AttentionImpl("pallas"), odd, odd, odd, m, block_k=odd, block_v=odd) == {"xla": 1}
+    np.testing.assert_array_equal(
+        np.asarray(attention(odd, odd, odd, m, block_k=odd, block_v=odd, impl=AttentionImpl("pallas"))),
+        np.asarray(attention(odd, odd, odd, m, block_k=odd, block_v=odd, impl=XLA)))
+
+
+def test_attention_impl_value():
+    """The implementation is a hashable value (a static jit argument) built from "xla" / "pallas" at the
+    boundary; anything else is refused with a message naming it."""
+    assert AttentionImpl.of("pallas") == AttentionImpl("pallas") and AttentionImpl.of(XLA) is XLA
+    small = AttentionImpl.pallas(split_min_len=160)
+    assert small.blocks.split_min_len == 160 and hash(small) == hash(AttentionImpl.pallas(split_min_len=160))
+    assert small.blocks.block_kv == dispatch.default_config().block_kv
+    with pytest.raises(ValueError, match="'flash'"):
+        AttentionImpl.of("flash")
+    with pytest.raises(ValueError, match="block sizes"):
+        AttentionImpl("xla", dispatch.DispatchConfig())
+    with pytest.raises(ValueError, match="DispatchConfig.block_kv 0"):
+        dispatch.DispatchConfig(block_kv=0)
+    x = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(TypeError, match="impl 'pallas' must be an AttentionImpl"):
+        attention(x, x, x, MaskSpec(kv_len_B=jnp.asarray([4]), causal=True), impl="pallas")
 
 
 @pytest.fixture

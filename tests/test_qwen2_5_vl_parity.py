@@ -38,6 +38,7 @@ import _tiny  # noqa: E402
 from sparrow_jax.decoding.autoregressive import cache_capacity, generate  # noqa: E402
 from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl  # noqa: E402
 from sparrow_jax.models import target as tg  # noqa: E402
+from sparrow_jax.models.attention import XLA  # noqa: E402
 from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: E402
 
 TOL = 1e-4
@@ -380,7 +381,7 @@ def teacher_forced(zoo, hf_refs, case, positions_fn):
     graphdef, params = nnx.split(model)
     # same static arguments as `generate`'s prefill, so its compiled executable is reused
     pre = tg.prefill(graphdef, params, batch, capacity=cache_capacity(batch.input_ids_BT.shape[1], MAX_NEW),
-                     m_star=model.cfg.num_layers // 2, impl="xla")
+                     m_star=model.cfg.num_layers // 2, impl=XLA)
     n = MAX_NEW - 1
     chain = jnp.tril(jnp.ones((n, n), bool))
     out = tg.verify(graphdef, params, pre.cache, jnp.asarray([ref[:n]], jnp.int32), positions_fn(batch, pre, n), chain)

@@ -174,3 +174,21 @@ def test_llava_chunked_features_and_prefill_equal_one_call(llava, frames, image_
     out = tg.prefill(graphdef, params, batch, capacity=cap, m_star=2, vision_chunk_patches=budget)
     assert _maxerr(out.last_logits_BV, ref.last_logits_BV) <= TOL
     assert _maxerr(out.cache.k[-1], ref.cache.k[-1]) <= TOL
+
+
+def test_lower_prefill_lowers_the_programs_prefill_runs(llava):
+    """`target.lower_prefill` (where tests read the prefill's attention routes) lowers one tower program
+    per chunk of prefill's plan, then the LM program on visual features of the shape and dtype prefill's
+    chunked encoding gives (the tiles' bilinear combination included)."""
+    model, (graphdef, params) = llava
+    batch = lo.prepare_prefill_batch([_llava_prompt(model.cfg, 7, (30, 50))], model.cfg)
+    budget = 3 * model.cfg.vision.grid ** 2
+    cap = cache_capacity(batch.input_ids_BT.shape[1], 4)
+    *chunks, lm = tg.lower_prefill(graphdef, params, batch, capacity=cap, m_star=2, vision_chunk_patches=budget)
+    assert len(chunks) == len(list(model.visual_chunks(batch.pixels_PC, batch.vision_layout, budget))) > 1
+    feats = tg.encode_visuals_chunked(graphdef, params, batch.pixels_PC, batch.vision_layout, chunk_patches=budget)
+    lowered_batch = lm.args_info[0][-1]
+    assert lowered_batch.pixels_PC is None and lowered_batch.vision_layout is None
+    assert (lowered_batch.visual_feats_MD.shape, lowered_batch.visual_feats_MD.dtype) == (feats.shape, feats.dtype)
+    [whole] = tg.lower_prefill(graphdef, params, batch, capacity=cap, m_star=2, vision_chunk_patches=None)
+    assert whole.args_info[0][-1].pixels_PC.shape == batch.pixels_PC.shape  # the reference path: one program

@@ -18,6 +18,7 @@ from flax import nnx
 from sparrow_jax.decoding import streaming
 from sparrow_jax.decoding.sampling import SamplingArrays, SamplingParams, as_sampling, select_tokens
 from sparrow_jax.models import target as tg
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
 
 
@@ -37,7 +38,7 @@ def _is_eos(tok_B, eos_ids):
 
 
 def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, *, max_new_tokens: int,
-                sampling=None, eos_ids: tuple[int, ...] = (), impl: str = "xla", on_emit=None,
+                sampling=None, eos_ids: tuple[int, ...] = (), impl: AttentionImpl = XLA, on_emit=None,
                 key_visible_LBS=None) -> GenerationResult:
     """Generate up to `max_new_tokens` per row after `prefill` (its cache, last logits and rope delta).
     The cache must have room for them (`cache_capacity`); it is donated. `sampling`: None (greedy),
@@ -51,27 +52,41 @@ def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, 
                        max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), impl=impl)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ARState:
+    """What `ar_loop`'s while_loop carries from step to step."""
+
+    cache: KVCache
+    logits_BV: jax.Array  # the next token's logits
+    tokens_BM: jax.Array  # generated tokens, row b valid up to n_B[b]
+    n_B: jax.Array
+    done_B: jax.Array
+    step: jax.Array  # loop iterations run
+    key: jax.Array
+
+
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "impl"), donate_argnames=("cache",))
 def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, sampling: SamplingArrays | None = None,
             emit_id=None, key_visible_LBS=None, *, max_new_tokens: int, eos_ids: tuple[int, ...] = (),
-            impl: str = "xla") -> GenerationResult:
+            impl: AttentionImpl = XLA) -> GenerationResult:
     """The jitted loop behind `ar_generate` (sampling and the streaming hook id are traced)."""
     model = nnx.merge(graphdef, params)
     B = last_logits_BV.shape[0]
     one_node = jnp.ones((B, 1, 1), bool)
 
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+    def cond(s: ARState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done_B)
 
-    def body(s):
-        key, sub = jax.random.split(s["key"])
-        tok_B = select_tokens(sub, s["logits"], sampling)
-        active = ~s["done"]
-        out = s["tokens"].at[jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)].set(
-            jnp.where(active, tok_B, s["tokens"][jnp.arange(B), jnp.minimum(s["n"], max_new_tokens - 1)]))
-        n = s["n"] + active
+    def body(s: ARState) -> ARState:
+        key, sub = jax.random.split(s.key)
+        tok_B = select_tokens(sub, s.logits_BV, sampling)
+        active = ~s.done_B
+        at_B = jnp.minimum(s.n_B, max_new_tokens - 1)
+        out = s.tokens_BM.at[jnp.arange(B), at_B].set(jnp.where(active, tok_B, s.tokens_BM[jnp.arange(B), at_B]))
+        n = s.n_B + active
         streaming.emit(emit_id, tok_B[:, None], active.astype(jnp.int32))
-        done = s["done"] | (active & _is_eos(tok_B, eos_ids)) | (n >= max_new_tokens)
+        done = s.done_B | (active & _is_eos(tok_B, eos_ids)) | (n >= max_new_tokens)
 
         def forward(cache):
             pos_B1 = (cache.lengths_B + rope_delta_B)[:, None]
@@ -80,13 +95,14 @@ def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key,
             return cache, v.logits_BNV[:, 0]
 
         # The token that finishes the last row needs no forward pass.
-        cache, logits = jax.lax.cond(jnp.all(done), lambda c: (c, s["logits"]), forward, s["cache"])
-        return dict(cache=cache, logits=logits, tokens=out, n=n, done=done, step=s["step"] + 1, key=key)
+        cache, logits = jax.lax.cond(jnp.all(done), lambda c: (c, s.logits_BV), forward, s.cache)
+        return dataclasses.replace(s, cache=cache, logits_BV=logits, tokens_BM=out, n_B=n, done_B=done,
+                                   step=s.step + 1, key=key)
 
-    init = dict(cache=cache, logits=last_logits_BV, tokens=jnp.zeros((B, max_new_tokens), jnp.int32),
-                n=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), step=jnp.int32(0), key=key)
+    init = ARState(cache=cache, logits_BV=last_logits_BV, tokens_BM=jnp.zeros((B, max_new_tokens), jnp.int32),
+                   n_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool), step=jnp.int32(0), key=key)
     s = jax.lax.while_loop(cond, body, init)
-    return GenerationResult(s["tokens"], s["n"], s["cache"], s["step"])
+    return GenerationResult(s.tokens_BM, s.n_B, s.cache, s.step)
 
 
 def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int = 1) -> int:
@@ -98,7 +114,7 @@ def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int = 1) -> int:
 
 
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams | None = None, seed: int = 0,
-             eos_ids=None, m_star: int | None = None, impl: str = "xla", prepare=None):
+             eos_ids=None, m_star: int | None = None, impl: AttentionImpl = XLA, prepare=None):
     """Convenience host wrapper: prompts -> list of generated token lists (EOS included)."""
     from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
 

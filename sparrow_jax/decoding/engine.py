@@ -36,6 +36,7 @@ from sparrow_jax.decoding.tree import Tree, TreeSpec, select_tree
 from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models import target as tg
 from sparrow_jax.models import views
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
 
 # Decode modes and the draft view each runs (models/views.py): text_only = Sparrow/EAGLE (view none),
@@ -47,12 +48,16 @@ VISUAL_MODES = views.MODES
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """What shapes the compiled loop (a static jit argument). Sampling settings are traced per-row
-    arrays and the streaming hook a traced id, both passed next to it (sampling.py, streaming.py)."""
+    arrays and the streaming hook a traced id, both passed next to it (sampling.py, streaming.py).
+    `impl`: the attention implementation; "xla" / "pallas" are converted here, once."""
 
     tree: TreeSpec
     max_new_tokens: int
     eos_ids: tuple[int, ...] = ()
-    impl: str = "xla"
+    impl: AttentionImpl = XLA
+
+    def __post_init__(self):
+        object.__setattr__(self, "impl", AttentionImpl.of(self.impl))
 
     @property
     def block(self) -> int:
@@ -136,7 +141,7 @@ def draft_positions(prompts, mode: str, T: int, keep_fraction: float = views.DEF
     return lay.idx_BP, lay.len_B, lay.keep_vis_B
 
 
-def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: str = "xla"):
+def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: AttentionImpl = XLA):
     """The draft over its items (views: text items through the FC, visual items as given): output
     states [B, P, D] and per-layer K/V. The same function the trainer's pass 0 computes per slot."""
     x = draft.view_input(e_BPD, hprev_BPD, text_BP)
@@ -145,7 +150,7 @@ def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: str = 
 
 @partial(jax.jit, static_argnames=("dgraph", "capacity", "impl", "outputs"))
 def draft_prefill(dgraph, dparams, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, next_pos_B, *, capacity: int,
-                  impl: str = "xla", outputs: bool = False):
+                  impl: AttentionImpl = XLA, outputs: bool = False):
     """Run the draft over its prompt items and return its cache (rows valid up to len_B; the next item
     sits at draft position next_pos_B), and with `outputs` also the output states [B, P, D]."""
     draft = nnx.merge(dgraph, dparams)
@@ -166,7 +171,7 @@ def _take(x, idx):
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec, impl: str) -> Tree:
+def build_tree(target, draft, dcache: KVCache, h_root_BD, root_B, spec: TreeSpec, impl: AttentionImpl) -> Tree:
     """EAGLE-2 expansion (see tree.py; cnets1.py `topK_genrate`): level 1 from the root's draft output,
     then `spec.depth` steps, each feeding the k-node frontier and adding its k*k children, so levels run
     1..depth+1. The root's pair is already in the draft cache, so the root sits at draft position
@@ -285,6 +290,25 @@ def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcac
                                 rope_delta_B, key, as_sampling(sampling, last_logits_BV.shape[0]), emit_id, cfg=cfg)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+    """What `speculative_loop`'s while_loop carries from round to round (W = max_new_tokens + block)."""
+
+    tcache: KVCache
+    dcache: KVCache
+    out_BW: jax.Array  # emitted tokens, row b valid up to n_out_B[b] (a round may write up to a block past M)
+    n_out_B: jax.Array
+    done_B: jax.Array
+    pend_tok_BL: jax.Array  # the draft's pending inputs: accepted path + bonus (see the module docstring)
+    pend_h_BLD: jax.Array
+    pend_n_B: jax.Array
+    accepted_BM: jax.Array  # per round: tokens emitted (SpecResult.accepted_BR)
+    cut_BM: jax.Array
+    r: jax.Array  # rounds run
+    key: jax.Array
+
+
 @partial(jax.jit, static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
 def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
                      last_hidden_BD, rope_delta_B, key, sampling: SamplingArrays | None = None, emit_id=None, *,
@@ -297,49 +321,49 @@ def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: 
     key, k0 = jax.random.split(key)
     r0 = select_tokens(k0, last_logits_BV, sampling)
     streaming.emit(emit_id, r0[:, None], jnp.ones((B,), jnp.int32))
-    init = dict(
+    init = LoopState(
         tcache=tcache, dcache=dcache,
-        out=jnp.zeros((B, M + L), jnp.int32).at[:, 0].set(r0), n_out=jnp.ones((B,), jnp.int32),
-        done=_is_eos(r0, cfg.eos_ids) | (M <= 1),
-        pend_tok=jnp.zeros((B, L), jnp.int32).at[:, 0].set(r0),
-        pend_h=jnp.zeros((B, L, last_hidden_BD.shape[-1]), last_hidden_BD.dtype).at[:, 0].set(last_hidden_BD),
-        pend_n=jnp.ones((B,), jnp.int32),
-        accepted=jnp.zeros((B, M), jnp.int32), cut=jnp.zeros((B, M), bool), r=jnp.int32(0), key=key,
+        out_BW=jnp.zeros((B, M + L), jnp.int32).at[:, 0].set(r0), n_out_B=jnp.ones((B,), jnp.int32),
+        done_B=_is_eos(r0, cfg.eos_ids) | (M <= 1),
+        pend_tok_BL=jnp.zeros((B, L), jnp.int32).at[:, 0].set(r0),
+        pend_h_BLD=jnp.zeros((B, L, last_hidden_BD.shape[-1]), last_hidden_BD.dtype).at[:, 0].set(last_hidden_BD),
+        pend_n_B=jnp.ones((B,), jnp.int32),
+        accepted_BM=jnp.zeros((B, M), jnp.int32), cut_BM=jnp.zeros((B, M), bool), r=jnp.int32(0), key=key,
     )
 
-    def cond(s):
-        return (s["r"] < M) & ~jnp.all(s["done"])
+    def cond(s: LoopState):
+        return (s.r < M) & ~jnp.all(s.done_B)
 
-    def body(s):
-        active = ~s["done"]
-        dcache, tree = draft_phase(target, draft, s["dcache"], s["pend_tok"], s["pend_h"], s["pend_n"], active, cfg)
-        key, k_acc = jax.random.split(s["key"])
-        v, acc = verify_phase(target, s["tcache"], tree, rope_delta_B, k_acc, cfg, sampling)
+    def body(s: LoopState) -> LoopState:
+        active = ~s.done_B
+        dcache, tree = draft_phase(target, draft, s.dcache, s.pend_tok_BL, s.pend_h_BLD, s.pend_n_B, active, cfg)
+        key, k_acc = jax.random.split(s.key)
+        v, acc = verify_phase(target, s.tcache, tree, rope_delta_B, k_acc, cfg, sampling)
         n = acc.num_accepted_B
-        tcache = commit(s["tcache"], v.block_kv, acc.path_BL, jnp.where(active, n, 0))
+        tcache = commit(s.tcache, v.block_kv, acc.path_BL, jnp.where(active, n, 0))
         # Emitted this round: accepted drafts (path[1:n]) then the bonus token.
         path_tok = jnp.take_along_axis(tree.tokens_BN, acc.path_BL, 1)
         emit = jnp.where(arL[None] < (n - 1)[:, None], jnp.roll(path_tok, -1, axis=1), acc.bonus_B[:, None])
         eos_hit = _is_eos(emit, cfg.eos_ids) & (arL[None] < n[:, None])
         count = jnp.where(eos_hit.any(-1), jnp.argmax(eos_hit, -1) + 1, n)
-        count = jnp.where(active, jnp.minimum(count, M - s["n_out"]), 0)
+        count = jnp.where(active, jnp.minimum(count, M - s.n_out_B), 0)
         streaming.emit(emit_id, emit, count)
-        out = jax.vmap(lambda o, e, at: jax.lax.dynamic_update_slice(o, e, (at,)))(s["out"], emit, s["n_out"])
-        out = jnp.where(active[:, None], out, s["out"])
-        n_out = s["n_out"] + count
-        done = s["done"] | (active & (eos_hit & (arL[None] < count[:, None])).any(-1)) | (n_out >= M)
-        return dict(
-            tcache=tcache, dcache=dcache, out=out, n_out=n_out, done=done,
-            pend_tok=jnp.where(active[:, None], emit, s["pend_tok"]),
-            pend_h=jnp.where(active[:, None, None], _take(v.hidden_BND, acc.path_BL), s["pend_h"]),
-            pend_n=jnp.where(active, n, s["pend_n"]),
+        out = jax.vmap(lambda o, e, at: jax.lax.dynamic_update_slice(o, e, (at,)))(s.out_BW, emit, s.n_out_B)
+        out = jnp.where(active[:, None], out, s.out_BW)
+        n_out = s.n_out_B + count
+        done = s.done_B | (active & (eos_hit & (arL[None] < count[:, None])).any(-1)) | (n_out >= M)
+        return dataclasses.replace(
+            s, tcache=tcache, dcache=dcache, out_BW=out, n_out_B=n_out, done_B=done,
+            pend_tok_BL=jnp.where(active[:, None], emit, s.pend_tok_BL),
+            pend_h_BLD=jnp.where(active[:, None, None], _take(v.hidden_BND, acc.path_BL), s.pend_h_BLD),
+            pend_n_B=jnp.where(active, n, s.pend_n_B),
             # What was emitted, not what was verified: tokens past EOS / max_new_tokens do not count.
-            accepted=s["accepted"].at[:, s["r"]].set(count), cut=s["cut"].at[:, s["r"]].set(active & (count < n)),
-            r=s["r"] + 1, key=key,
+            accepted_BM=s.accepted_BM.at[:, s.r].set(count), cut_BM=s.cut_BM.at[:, s.r].set(active & (count < n)),
+            r=s.r + 1, key=key,
         )
 
     s = jax.lax.while_loop(cond, body, init)
-    return SpecResult(s["out"][:, :M], s["n_out"], s["accepted"], s["cut"], s["r"], s["tcache"], s["dcache"])
+    return SpecResult(s.out_BW[:, :M], s.n_out_B, s.accepted_BM, s.cut_BM, s.r, s.tcache, s.dcache)
 
 
 # ----------------------------------------------------------------------------------- host wrapper

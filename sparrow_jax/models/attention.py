@@ -1,6 +1,6 @@
 """The one attention function every model calls.
 
-`attention(q, k, v, mask, block_k=None, block_v=None, impl=...)` covers:
+`attention(q, k, v, mask, block_k=None, block_v=None, impl=AttentionImpl(...))` covers:
 - prefill / training: q, k, v from one sequence, `causal` and per-row key lengths;
 - vision segments (frame groups, windows): segments gathered into the batch axis, non-causal,
   per-segment lengths;
@@ -9,8 +9,9 @@
 
 The `xla` implementation is plain jnp: dense scores for small problems, a flash-style blockwise
 loop (online softmax, bounded memory) when T*S is large; both are reverse-differentiable (the blockwise
-one through a FlashAttention-2 custom VJP), so training runs at video lengths. Pallas kernels plug in
-behind `impl`.
+one through a FlashAttention-2 custom VJP), so training runs at video lengths. The Pallas kernels
+(`pallas_kernels`) plug in behind `impl`: an `AttentionImpl` value (kind + block sizes), hashable, passed
+explicitly from the CLI / config down to every call (a static jit argument of the jitted entry points).
 Masking is done by multiplying probabilities by the mask, so a row with no visible key yields 0
 (never NaN) — such rows are padding by construction.
 """
@@ -23,6 +24,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import dispatch
 
 # Score elements (B*H*T*S) above which the xla path switches to the blockwise loop.
 DENSE_SCORE_LIMIT = 1 << 25
@@ -45,22 +48,77 @@ class MaskSpec:
     key_visible_BS: jax.Array | None = None
 
 
-def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None, impl: str = "xla"):
-    if mask.key_visible_BS is not None:  # analysis option: the reference path only
-        if impl != "xla":
-            raise ValueError(f"MaskSpec.key_visible_BS is supported by impl='xla' only, not {impl!r}")
-        return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
-    if impl == "pallas":
-        from pallas_kernels import dispatch  # noqa: PLC0415 — optional, added by the kernels issue
+IMPL_KINDS = ("xla", "pallas")
 
-        return dispatch.attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
-    if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r} (expected 'xla' or 'pallas')")
+
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+    """Which attention implementation the models run (hashable: a static jit argument).
+
+    kind "xla": plain jnp (dense, blockwise past `DENSE_SCORE_LIMIT`). kind "pallas": the kernels of
+    `pallas_kernels`, routed per call by shape (`dispatch.route`), with `blocks`' block sizes (None: the
+    backend's defaults, `dispatch.default_config()`, resolved at trace time)."""
+
+    kind: str = "xla"
+    blocks: dispatch.DispatchConfig | None = None
+
+    def __post_init__(self):
+        if self.kind not in IMPL_KINDS:
+            raise ValueError(f"attention impl kind {self.kind!r}: expected one of {IMPL_KINDS}")
+        if self.blocks is not None and self.kind != "pallas":
+            raise ValueError(f"attention impl {self.kind!r}: block sizes are for kind 'pallas' only")
+        if self.blocks is not None and not isinstance(self.blocks, dispatch.DispatchConfig):
+            raise TypeError(f"attention impl blocks {self.blocks!r}: expected a dispatch.DispatchConfig")
+
+    @classmethod
+    def of(cls, value: AttentionImpl | str) -> AttentionImpl:
+        """The CLI / config boundary: "xla" / "pallas" (or an AttentionImpl, returned as is)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        raise TypeError(f"attention impl {value!r}: expected 'xla', 'pallas' or an AttentionImpl")
+
+    @classmethod
+    def pallas(cls, **blocks) -> AttentionImpl:
+        """kind "pallas" with some block sizes changed from the backend's defaults (e.g. split_min_len=160)."""
+        return cls("pallas", dispatch.default_config(**blocks) if blocks else None)
+
+
+XLA = AttentionImpl()
+
+
+def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None, impl: AttentionImpl = XLA):
+    if not isinstance(impl, AttentionImpl):
+        raise TypeError(f"attention: impl {impl!r} must be an AttentionImpl (convert a string once with "
+                        "AttentionImpl.of)")
+    if mask.key_visible_BS is not None:  # analysis option: the reference path only
+        if impl.kind != "xla":
+            raise ValueError(f"MaskSpec.key_visible_BS is supported by impl 'xla' only, not {impl.kind!r}")
+        return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+    if impl.kind == "pallas":
+        cfg = impl.blocks or dispatch.default_config()
+        name, reason = dispatch.route(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, config=cfg)
+        if name != "xla":
+            return dispatch.run_kernel(name, q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
+                                       config=cfg)
+        dispatch.log_fallback(reason)
+        return _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask, block_k, block_v)
+    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+
+
+def _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None):
     B, T, H, _ = q_BTHE.shape
     S = k_BSKE.shape[1]
     if block_k is None and B * H * T * S > DENSE_SCORE_LIMIT:
         return blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask)
     return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+
+
+@dispatch.routed("xla")
+def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v):
+    """The XLA path for a call the kernels cannot take (named, so `dispatch.routes_in` sees it)."""
+    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
 
 
 def _group(q_BTHE, num_kv_heads):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparrow_jax.models import views
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_1d
 
 
@@ -133,13 +134,13 @@ class SparrowDraft(nnx.Module):
         z_BTD = self.hsr_input(e_BTD, hprev_BTD)
         return jnp.where(is_text_BT[..., None], z_BTD, e_BTD.astype(z_BTD.dtype))
 
-    def __call__(self, e_BTD, hprev_BTD, positions_BT, mask, caches=None, impl="xla", block_prefix=None):
+    def __call__(self, e_BTD, hprev_BTD, positions_BT, mask, caches=None, impl: AttentionImpl = XLA, block_prefix=None):
         """Returns the draft output states ĥ [B, T, D] (feed them to the target's LM head) and the
         new K/V per layer. `caches`: per-layer committed (k, v); `block_prefix`: per-layer K/V of
         uncommitted tree nodes placed before this block (visibility in `mask.block_mask_BTN`)."""
         return self.run_layers(self.hsr_input(e_BTD, hprev_BTD), positions_BT, mask, caches, impl, block_prefix)
 
-    def run_layers(self, x_BTD, positions_BT, mask, caches=None, impl="xla", block_prefix=None):
+    def run_layers(self, x_BTD, positions_BT, mask, caches=None, impl: AttentionImpl = XLA, block_prefix=None):
         """The decoder layers on already-built inputs (training mixes HSR inputs with IVSB visual slots)."""
         x = x_BTD
         cos, sin = rope_cos_sin_1d(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.attention import XLA, AttentionImpl
 
 # Flax's own metadata key for a Variable's partitioning (nnx.with_partitioning writes it and
 # nnx.get_partition_spec reads it); ours holds logical axis names, not mesh axes.
@@ -165,7 +166,7 @@ class SelfAttention(nnx.Module):
         self.o_proj = linear(num_heads * head_dim, dim, ("heads", "embed"), bias=out_bias, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_BTD, cos_BTE, sin_BTE, mask: attn_lib.MaskSpec, cache_kv=None,
-                 impl: str = "xla", block_prefix=None):
+                 impl: AttentionImpl = XLA, block_prefix=None):
         B, T, _ = x_BTD.shape
         q_BTHE = self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim)
         k_BTKE = self.k_proj(x_BTD).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -199,7 +200,7 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(dim, eps, dtype=dtype)
         self.mlp = GatedMLP(dim, mlp_dim, act, bias=False, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BTD, cos_BTE, sin_BTE, mask, cache_kv=None, impl="xla", block_prefix=None):
+    def __call__(self, x_BTD, cos_BTE, sin_BTE, mask, cache_kv=None, impl: AttentionImpl = XLA, block_prefix=None):
         h = self.input_layernorm(x_BTD) if self.input_layernorm is not None else x_BTD
         a, new_kv = self.self_attn(h, cos_BTE, sin_BTE, mask, cache_kv, impl, block_prefix)
         x_BTD = x_BTD + a

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.layers import activation, axes_metadata, embed, linear, rope_cos_sin_1d
 from sparrow_jax.models.qwen2_5_vl import ConfigError, TextConfig, TextModel
 
@@ -501,7 +502,7 @@ class SiglipVisionTower(nnx.Module):
         # Loaded for checkpoint fidelity; LLaVA takes its features before this norm.
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype)
 
-    def __call__(self, pixels_NCHW, feature_layers=(-1,), impl="xla"):
+    def __call__(self, pixels_NCHW, feature_layers=(-1,), impl: AttentionImpl = XLA):
         """Tiles [N, C, S, S] -> hidden states `feature_layers` (0 = embeddings, i = output of layer
         i, negative from the end) concatenated on the feature axis: [N, G^2, D * len]. Layers past
         the deepest one requested are not run."""
@@ -555,11 +556,11 @@ class LlavaOneVision(nnx.Module):
         t = self.cfg.text
         return rope_cos_sin_1d(positions_3BT[0], t.head_dim, t.rope_theta)
 
-    def tile_features(self, pixels_NCHW, impl="xla"):
+    def tile_features(self, pixels_NCHW, impl: AttentionImpl = XLA):
         """Projected features of every tile: [N, G^2, D_text]."""
         return self.multi_modal_projector(self.vision_tower(pixels_NCHW, self.cfg.feature_layers, impl))
 
-    def encode_visuals(self, pixels_NCHW, layout: LlavaVisionLayout, impl="xla"):
+    def encode_visuals(self, pixels_NCHW, layout: LlavaVisionLayout, impl: AttentionImpl = XLA):
         """All tiles of the batch [N, C, S, S] -> the visual LM tokens [M, D] in batch order."""
         return self.combine_chunks(self.encode_chunk(pixels_NCHW, None, impl), layout)
 
@@ -577,7 +578,7 @@ class LlavaOneVision(nnx.Module):
                 tiles = np.concatenate([tiles, np.zeros((K - n,) + tiles.shape[1:], tiles.dtype)])
             yield tiles, None, n * per_tile
 
-    def encode_chunk(self, pixels_NCHW, layout=None, impl="xla"):
+    def encode_chunk(self, pixels_NCHW, layout=None, impl: AttentionImpl = XLA):
         """Tiles -> their projected patch features, flattened [N * G^2, D] (the table `combine_chunks` reads)."""
         feats = self.tile_features(pixels_NCHW, impl)
         return feats.reshape(-1, feats.shape[-1])

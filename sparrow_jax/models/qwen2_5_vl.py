@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.layers import (DecoderLayer, GatedMLP, RMSNorm, apply_rope, embed, linear, mrope_cos_sin,
                                       rope_inv_freq)
 
@@ -375,7 +376,7 @@ class VisionTower(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, rngs=rngs, dtype=dtype)
 
-    def __call__(self, pixels_PC, layout: VisionLayout, impl="xla", return_block_states=False):
+    def __call__(self, pixels_PC, layout: VisionLayout, impl: AttentionImpl = XLA, return_block_states=False):
         """pixels [P, C*tp*p*p] (all visuals concatenated) -> merged features [P/merge^2, out]."""
         x = self.patch_embed(pixels_PC.astype(self.patch_embed.kernel.dtype))[layout.patch_perm]
         inv = rope_inv_freq(self.cfg.head_dim // 2, self.cfg.rope_theta)
@@ -404,7 +405,7 @@ class TextModel(nnx.Module):
         ])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_BTD, cos, sin, mask, caches=None, impl="xla", capture=(), key_visible_LBS=None):
+    def __call__(self, x_BTD, cos, sin, mask, caches=None, impl: AttentionImpl = XLA, capture=(), key_visible_LBS=None):
         """Returns (final-norm hidden, per-layer new (k, v), {i: hidden state i for i in capture}).
         Hidden state 0 = input embeddings, i = output of layer i (transformers' numbering).
         key_visible_LBS: optional per-layer main-key visibility [layers, B, S] (MaskSpec.key_visible_BS;
@@ -442,7 +443,7 @@ class Qwen25VL(nnx.Module):
         t = self.cfg.text
         return mrope_cos_sin(positions_3BT, t.head_dim, t.rope_theta, t.mrope_section)
 
-    def encode_visuals(self, pixels_PC, layout, impl="xla"):
+    def encode_visuals(self, pixels_PC, layout, impl: AttentionImpl = XLA):
         return self.visual(pixels_PC, layout, impl)
 
     # --- the same in bounded memory (target.encode_visuals_chunked): chunks of whole frame groups ---
@@ -456,7 +457,7 @@ class Qwen25VL(nnx.Module):
                 pixels = np.concatenate([pixels, np.zeros((G * h * w - rows, pixels.shape[1]), pixels.dtype)])
             yield pixels, _chunk_layout(G, h, w, self.cfg.vision), rows // m2
 
-    def encode_chunk(self, pixels_PC, layout, impl="xla"):
+    def encode_chunk(self, pixels_PC, layout, impl: AttentionImpl = XLA):
         return self.visual(pixels_PC, layout, impl)
 
     def combine_chunks(self, feats_MD, layout):

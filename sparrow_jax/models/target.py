@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit as _commit_cache, write_rows
 
 SEQ_BUCKET = 64  # prompt lengths, text-position and visual-position counts are padded to this multiple
@@ -123,7 +124,8 @@ def _input_embeddings(model, batch: PrefillBatch, impl, visual_feats=None):
     return x_BTD
 
 
-def forward(model, batch: PrefillBatch, *, impl="xla", capture=(), key_visible_LBS=None, visual_feats=None):
+def forward(model, batch: PrefillBatch, *, impl: AttentionImpl = XLA, capture=(), key_visible_LBS=None,
+            visual_feats=None):
     """Full-sequence forward (prefill math): final-norm hidden [B, T, D], new K/V per layer, and the
     captured intermediate hidden states. key_visible_LBS [layers, B, T]: see `visual_key_visibility`.
     visual_feats: the visuals' encodings when the caller already has them (target training)."""
@@ -203,11 +205,11 @@ def _attention_pruned_idx(batch: PrefillBatch, score_BT, P: int):
 
 
 @partial(jax.jit, static_argnames=("graphdef", "impl"))
-def _encode_chunk(graphdef, params, pixels, layout, impl):
+def _encode_chunk(graphdef, params, pixels, layout, impl: AttentionImpl):
     return nnx.merge(graphdef, params).encode_chunk(pixels, layout, impl)
 
 
-def encode_visuals_chunked(graphdef, params, pixels_PC, layout, *, impl: str = "xla",
+def encode_visuals_chunked(graphdef, params, pixels_PC, layout, *, impl: AttentionImpl = XLA,
                            chunk_patches: int = VISION_CHUNK_PATCHES):
     """Host loop: the batch's visual tokens [M, D] as `model.encode_visuals(pixels_PC, layout)` gives them,
     from tower calls of at most ~`chunk_patches` patches each (the family's `visual_chunks` plan: whole
@@ -226,7 +228,7 @@ def encode_visuals_chunked(graphdef, params, pixels_PC, layout, *, impl: str = "
     return model.combine_chunks(feats, layout)
 
 
-def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla",
+def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: AttentionImpl = XLA,
             states: bool = False, key_visible_LBS=None,
             vision_chunk_patches: int | None = VISION_CHUNK_PATCHES) -> PrefillOutput:
     """Run the target on the whole prompt (video included). `capacity` is the cache length S, which
@@ -245,8 +247,31 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
                     key_visible_LBS=key_visible_LBS)
 
 
+def lower_prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: AttentionImpl = XLA,
+                  states: bool = False, key_visible_LBS=None,
+                  vision_chunk_patches: int | None = VISION_CHUNK_PATCHES) -> list:
+    """The programs `prefill` runs for `batch` with the same arguments, lowered (not run): the vision
+    tower's, one per chunk, then the LM's — e.g. for the attention routes they take
+    (`pallas_kernels.dispatch.routes_in`)."""
+    pixels = batch.pixels_PC
+    if not (vision_chunk_patches and pixels is not None):
+        return [_prefill.lower(graphdef, params, batch, capacity=capacity, m_star=m_star, impl=impl, states=states,
+                               key_visible_LBS=key_visible_LBS)]
+    model = nnx.merge(graphdef, params)
+    programs, rows = [], 0
+    for chunk, chunk_layout, valid in model.visual_chunks(pixels, batch.vision_layout, vision_chunk_patches):
+        programs.append(_encode_chunk.lower(graphdef, params, jnp.asarray(chunk), chunk_layout, impl))
+        rows += valid
+    out = programs[0].out_info  # every chunk's rows have the same width and dtype
+    feats = jax.eval_shape(lambda f: model.combine_chunks(f, batch.vision_layout),
+                           jax.ShapeDtypeStruct((rows,) + out.shape[1:], out.dtype))
+    batch = dataclasses.replace(batch, pixels_PC=None, vision_layout=None, visual_feats_MD=feats)
+    return programs + [_prefill.lower(graphdef, params, batch, capacity=capacity, m_star=m_star, impl=impl,
+                                      states=states, key_visible_LBS=key_visible_LBS)]
+
+
 @partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl", "states"))
-def _prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: str = "xla",
+def _prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: AttentionImpl = XLA,
              states: bool = False, key_visible_LBS=None) -> PrefillOutput:
     model = nnx.merge(graphdef, params)
     B, T = batch.input_ids_BT.shape
@@ -281,7 +306,7 @@ def _prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: in
                          rope_delta_B=batch.rope_delta_B, last_hidden_BD=last_BD, **draft)
 
 
-def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, impl="xla",
+def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, impl: AttentionImpl = XLA,
               key_visible_LBS=None) -> VerifyOutput:
     """Un-jitted verify, for composition inside larger jitted loops (the engine, AR generation).
     key_visible_LBS [layers, B, S]: per-layer visibility of the cache's keys (`visual_key_visibility`)."""
@@ -297,7 +322,8 @@ def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, imp
 
 
 @partial(jax.jit, static_argnames=("graphdef", "impl"))
-def verify(graphdef, params, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, *, impl="xla") -> VerifyOutput:
+def verify(graphdef, params, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, *,
+           impl: AttentionImpl = XLA) -> VerifyOutput:
     """Target forward over N block tokens: each sees the committed cache plus its tree ancestors
     (tree_mask[b, i, j] = node j is i or an ancestor of i). positions_BN are 1-D decode positions
     (committed length + node depth + rope delta). The cache is not modified: see `commit`."""

@@ -23,6 +23,7 @@ from sparrow_jax.decoding.sampling import SamplingParams
 from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX
 from sparrow_jax.io.vision_inputs import VisionTokenIds, VisualInput, build_multimodal_prompt
 from sparrow_jax.models import target as tg
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit as commit_cache
 from sparrow_jax.models.registry import prepare_batch_for
 from sparrow_jax.synthetic import world as W
@@ -55,7 +56,7 @@ def condition_visual(scene: W.Scene, condition: str, cfg: W.WorldConfig = W.Worl
 
 
 @partial(jax.jit, static_argnames=("graphdef", "impl"))
-def extend(graphdef, params, cache: KVCache, tokens_BN, len_B, rope_delta_B, *, impl: str = "xla"):
+def extend(graphdef, params, cache: KVCache, tokens_BN, len_B, rope_delta_B, *, impl: AttentionImpl = XLA):
     """Append row b's first len_B[b] tokens to its committed prompt, as a causal chain at the next text
     positions (what a longer prompt would have there). Returns the new cache (the given one is kept, so
     several questions can continue one prefilled video) and the logits after each row's last token."""
@@ -75,7 +76,7 @@ class Asker:
 
     model: object
     codec: object
-    impl: str = "xla"
+    impl: AttentionImpl = XLA
 
     def __post_init__(self):
         cfg = self.model.cfg

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.training.data import TrainBatch
 
 
@@ -48,10 +49,10 @@ def slot_inputs(draft, e_BLD, hprev_BLD, batch: TrainBatch):
     return _gather(sources, batch.slot_src_BS)
 
 
-def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: str = "xla",
+def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: AttentionImpl = XLA,
                  all_slots: bool = False):
     """Outputs at the text slots for every pass: list of [B, L, D] (`all_slots`: at every slot, [B, S, D]).
-    `impl`: attention implementation ("xla" or "pallas"; both differentiable at any slot count)."""
+    `impl`: the attention implementation (xla or pallas: both differentiable at any slot count)."""
     e = embed_fn(batch.tok_BL)
     hprev = batch.hprev_BLD.astype(e.dtype)
     if cfg.noise_std > 0 and noise_key is not None:
@@ -69,7 +70,7 @@ def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=
     return outs
 
 
-def draft_loss(draft, embed_fn, head_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: str = "xla"):
+def draft_loss(draft, embed_fn, head_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: AttentionImpl = XLA):
     """Scalar loss and metrics per pass (loss, soft CE, SmoothL1, top-1 agreement with the target)."""
     outs = draft_passes(draft, embed_fn, batch, cfg, noise_key, impl)
     w = batch.pred_BL

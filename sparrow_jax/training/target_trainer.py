@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 from sparrow_jax.models import target as tg
+from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.training import sharding as shd
 from sparrow_jax.training.data import index_pipeline, sample_sequence
 from sparrow_jax.training.trainer import Trainer, TrainConfig, accumulate_and_update, load_target, make_optimizer
@@ -104,17 +105,17 @@ def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, 
     return TargetBatch(inputs, *(jnp.asarray(x) for x in (loss_idx, labels, weight, first)))
 
 
-def _answer_logits(model, batch: TargetBatch, impl: str = "xla", visual_feats=None):
+def _answer_logits(model, batch: TargetBatch, impl: AttentionImpl = XLA, visual_feats=None):
     h_BTD, _, _ = tg.forward(model, batch.inputs, impl=impl, visual_feats=visual_feats)
     return model.logits(tg._gather_rows(h_BTD, batch.loss_idx_BL)).astype(jnp.float32)
 
 
-def answer_token_ce(model, batch: TargetBatch, impl: str = "xla") -> jax.Array:
+def answer_token_ce(model, batch: TargetBatch, impl: AttentionImpl = XLA) -> jax.Array:
     """[B, L] cross-entropy of each answer slot (padding slots included; weight_BL says which count)."""
     return optax.softmax_cross_entropy_with_integer_labels(_answer_logits(model, batch, impl), batch.labels_BL)
 
 
-def answer_sums(model, batch: TargetBatch, impl: str = "xla", visual_feats=None) -> dict:
+def answer_sums(model, batch: TargetBatch, impl: AttentionImpl = XLA, visual_feats=None) -> dict:
     """Summed cross-entropy and top-1 hits over the answer tokens, and their counts."""
     logits_BLV = _answer_logits(model, batch, impl, visual_feats)
     ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch.labels_BL)
@@ -233,19 +234,21 @@ class TargetTrainer(Trainer):
         self.samples = samples
         self.data_iter = BucketedIndices(buckets_of(samples), cfg.global_batch, cfg.data_seed)
         self._step_fn = self._build_step()
-        self._sums_fn = jax.jit(lambda params, batch: answer_sums(nnx.merge(self.graph, params), batch, cfg.attention))
+        impl = cfg.attention_impl
+        self._sums_fn = jax.jit(lambda params, batch: answer_sums(nnx.merge(self.graph, params), batch, impl))
         self._ckpt = None
 
     def _build_step(self):
         cfg, graph, optimizer, A = self.cfg, self.graph, self.optimizer, self.cfg.grad_accum
+        impl = cfg.attention_impl
         compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
 
         def micro_loss(params, batch: TargetBatch):
             model = nnx.merge(graph, jax.tree.map(lambda x: x.astype(compute), params))
             inputs = batch.inputs
             has_visuals = inputs.pixels_PC is not None  # a text-only bucket has no vision tower pass
-            feats = model.encode_visuals(inputs.pixels_PC, inputs.vision_layout, cfg.attention) if has_visuals else None
-            m = answer_metrics(answer_sums(model, batch, impl=cfg.attention, visual_feats=feats))
+            feats = model.encode_visuals(inputs.pixels_PC, inputs.vision_layout, impl) if has_visuals else None
+            m = answer_metrics(answer_sums(model, batch, impl=impl, visual_feats=feats))
             loss = m["loss"]
             if cfg.vision_aux_weight and has_visuals:
                 # A vision tower trained from scratch through the LM alone collapses to one vector for

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from sparrow_jax.models import views
+from sparrow_jax.models.attention import IMPL_KINDS, AttentionImpl
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.target import default_m_star
 from sparrow_jax.training import checkpoint_guard as guard
@@ -93,7 +94,8 @@ class TrainConfig:
     curriculum_text_steps: int = 0
     curriculum_ramp_steps: int = 0
     # draft attention: "xla" (dense, or blockwise with a custom VJP past the dense limit) or "pallas"
-    # (the prefill kernel's custom VJP; shapes it cannot take fall back to xla, reason logged once)
+    # (the prefill kernel's custom VJP; shapes it cannot take fall back to xla, reason logged once);
+    # a string in the config file, the step gets `attention_impl`
     attention: str = "xla"
     # parallelism, checkpoints, logs
     mesh: tuple[int, int, int] = (1, 1, 1)
@@ -108,10 +110,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.task not in ("draft", "target"):
             raise ValueError(f"task {self.task!r}: expected 'draft' or 'target'")
-        if self.attention not in ("xla", "pallas"):
-            raise ValueError(f"attention {self.attention!r}: expected 'xla' or 'pallas'")
+        if self.attention not in IMPL_KINDS:
+            raise ValueError(f"attention {self.attention!r}: expected one of {IMPL_KINDS}")
         views.check_prune(self.visual_keep_fraction, self.visual_prune_by, "TrainConfig")
         views.training_view(self.visual_view, self.ivsb)  # raises on an unknown or impossible combination
+
+    @property
+    def attention_impl(self) -> AttentionImpl:
+        """`attention` as the value the models take (the kernels' default block sizes)."""
+        return AttentionImpl.of(self.attention)
 
     @property
     def slots(self) -> SlotSpec:
@@ -262,7 +269,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- the step
 
     def _build_step(self):
-        cfg, lcfg = self.cfg, self.cfg.loss
+        cfg, lcfg, impl = self.cfg, self.cfg.loss, self.cfg.attention_impl
         dgraph, tgraph, optimizer, fspec = self.dgraph, self.tgraph, self.optimizer, self.feature_spec
         compute = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
         A = cfg.grad_accum
@@ -273,7 +280,7 @@ class Trainer:
         def micro_loss(dparams, tparams, batch: TrainBatch, key):
             target = nnx.merge(tgraph, jax.tree.map(lambda x: x.astype(compute), tparams))
             draft = nnx.merge(dgraph, jax.tree.map(lambda x: x.astype(compute), dparams))
-            return draft_loss(draft, target.embed, target.logits, batch, lcfg, key, impl=cfg.attention)
+            return draft_loss(draft, target.embed, target.logits, batch, lcfg, key, impl=impl)
 
         def step(dparams, opt_state, tparams, rng, batch):
             if isinstance(batch, OnlineBatch):
@@ -287,6 +294,12 @@ class Trainer:
 
         return jax.jit(step, donate_argnums=(0, 1),
                        out_shardings=(self.p_shard, self.o_shard, shd.replicated(self.mesh), shd.replicated(self.mesh)))
+
+    def lower_step(self, batch):
+        """The training step lowered for `batch` (not run): what it computes, e.g. which attention routes
+        its forward and backward take (`pallas_kernels.dispatch.routes_in`)."""
+        with jax.set_mesh(self.mesh):
+            return self._step_fn.lower(self.params, self.opt_state, self.tparams, self.rng, batch)
 
     # ------------------------------------------------------------------------------------ data
 
