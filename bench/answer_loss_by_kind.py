@@ -24,9 +24,9 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
@@ -106,32 +106,30 @@ def held_out_questions(kinds, per_kind: int, duration: int, wcfg):
 
 
 def content_token_ids(codec, vocab_size: int) -> np.ndarray:
-    """[V] bool: token ids whose text (stripped, lower-case) is a whole attribute word of the world or the
-    start of one (BPE may split a word; only its first piece is counted)."""
-    from sparrow_jax.synthetic import world  # noqa: PLC0415
+    """[V] bool: token ids whose text (stripped, lower-case) is a whole attribute word of the world
+    (`world.ATTRIBUTE_WORDS`) or the start of one (BPE may split a word; only its first piece is counted)."""
+    from sparrow_jax.synthetic.world import ATTRIBUTE_WORDS  # noqa: PLC0415
 
-    words = {*world.COLOURS, *world.SHAPES, *world.SIZES, *world.BACKGROUNDS, *world._NUM_WORDS[1:],
-             "left", "right", "up", "down", "still", "bounce", "bounces", "bouncing", "stays"}
     out = np.zeros(vocab_size, bool)
     for i in range(vocab_size):
         try:
             t = codec.decode([i]).strip().lower()
         except Exception:  # noqa: BLE001  special or unused ids decode to nothing useful
             continue
-        out[i] = len(t) >= 2 and t.isalpha() and any(w.startswith(t) for w in words) and (t in words or len(t) >= 3)
+        out[i] = len(t) >= 2 and t.isalpha() and (t in ATTRIBUTE_WORDS or
+                                                  (len(t) >= 3 and any(w.startswith(t) for w in ATTRIBUTE_WORDS)))
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     from sparrow_jax.io.text import load_codec  # noqa: PLC0415
     from sparrow_jax.models import registry  # noqa: PLC0415
     from sparrow_jax.synthetic import demo, world  # noqa: PLC0415
-    from sparrow_jax.training.target_trainer import answer_metrics, answer_sums, answer_token_ce, \
-        target_batch  # noqa: PLC0415
+    from sparrow_jax.training.target_trainer import answer_metrics, answer_token_stats, target_batch, \
+        weighted_sums  # noqa: PLC0415
 
     if args.target:
         model, name, tok = registry.load_target(args.target), args.target, args.target
@@ -146,9 +144,8 @@ def main(argv=None):
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--world {args.world}: {e}") from None
     questions = held_out_questions(kinds, args.per_kind, args.duration, wcfg)
-    sums = jax.jit(lambda b: answer_sums(model, b))
-    token_ce = jax.jit(lambda b: answer_token_ce(model, b))
-    content = jnp.asarray(content_token_ids(codec, model.cfg.text.vocab_size)) if args.content else None
+    token_stats = jax.jit(lambda b: answer_token_stats(model, b))  # one forward per batch serves every weighting
+    content = content_token_ids(codec, model.cfg.text.vocab_size) if args.content else None
     env = environment()
     print(f"{name}: answer loss per token ({args.per_kind} held-out questions per kind, {args.duration} s)")
     cols = [c + sfx for c in args.conditions.split(",") for sfx in ("", ":content")[:1 + args.content]]
@@ -163,15 +160,17 @@ def main(argv=None):
                 samples = [world.scene_sample(s, qa, codec, ids, wcfg, frames=world.ablate(world.render(s, wcfg), cond))
                            for s, qa in items[i0:i0 + args.batch]]
                 batch = target_batch(samples, model.cfg, max_text=args.max_text)
-                s = sums(batch)
+                ce_BL, hit_BL = (np.asarray(x, np.float64) for x in token_stats(batch))
+                lab_BL, first_BL = np.asarray(batch.labels_BL), np.asarray(batch.first_BL, np.float64)
+                weight_BL = np.asarray(batch.weight_BL, np.float64)
+                s = weighted_sums(ce_BL, hit_BL, weight_BL, first_BL)
                 if content is not None:
-                    keep = dataclasses.replace(batch, weight_BL=batch.weight_BL * content[batch.labels_BL])
-                    s |= {f"content_{k}": v for k, v in sums(keep).items()}
-                if content is not None and args.by_word:
-                    ce_BL, lab_BL = np.asarray(token_ce(batch)), np.asarray(batch.labels_BL)
-                    for b, j in zip(*np.nonzero(np.asarray(batch.weight_BL) * np.asarray(content)[lab_BL])):
-                        words.setdefault(codec.decode([int(lab_BL[b, j])]).strip(), []).append(float(ce_BL[b, j]))
-                tot = s if tot is None else jax.tree.map(jnp.add, tot, s)
+                    keep_BL = weight_BL * content[lab_BL]
+                    s |= {f"content_{k}": v for k, v in weighted_sums(ce_BL, hit_BL, keep_BL, first_BL).items()}
+                    if args.by_word:
+                        for b, j in zip(*np.nonzero(keep_BL)):
+                            words.setdefault(codec.decode([int(lab_BL[b, j])]).strip(), []).append(float(ce_BL[b, j]))
+                tot = s if tot is None else {k: tot[k] + v for k, v in s.items()}
             m = {k: float(v) for k, v in answer_metrics(tot).items()}
             if content is not None:
                 cm = answer_metrics({k[8:]: v for k, v in tot.items() if k.startswith("content_")})

@@ -66,3 +66,15 @@ def test_caption_probe_reports_content_loss(tmp_path):
         n = sum(c for c, _ in r["by_word"].values())
         assert n == r["content_tokens"]
         assert sum(c * v for c, v in r["by_word"].values()) / n == pytest.approx(r["content_loss"], rel=1e-4)
+
+
+def test_motion_words_are_the_world_motion_words():
+    """world.MOTION_WORDS (part of the attribute words the probe counts) names each motion in the world's
+    own texts: every motion's caption phrases or answer contain one of them, and none is stale."""
+    from sparrow_jax.synthetic import world
+
+    texts = {m: " ".join([*world._MOTION_TEXT[m], world._MOTION_ANSWER[m]]).lower().replace(".", " ").split()
+             for m in world.MOTIONS}
+    assert all(set(t) & world.MOTION_WORDS for t in texts.values())
+    assert world.MOTION_WORDS - set(world.MOTIONS) <= {w for t in texts.values() for w in t}
+    assert world.MOTION_WORDS <= world.ATTRIBUTE_WORDS

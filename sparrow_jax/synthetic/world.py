@@ -376,6 +376,10 @@ _MOTION_TEXT = {
 _MOTION_ANSWER = {"left": "It moves to the left.", "right": "It moves to the right.", "up": "It moves up.",
                   "down": "It moves down.", "still": "It does not move; it stays still.",
                   "bounce": "It bounces around the frame."}
+# The words of the world's language that carry a scene fact (what a caption can only get right by reading
+# the video): attribute names, number words, and the motion words of the texts above.
+MOTION_WORDS = frozenset({*MOTIONS, "bounces", "bouncing", "stays"})
+ATTRIBUTE_WORDS = frozenset({*COLOURS, *SHAPES, *SIZES, *BACKGROUNDS, *_NUM_WORDS[1:], *MOTION_WORDS})
 
 
 def _num(n: int, rng) -> str:

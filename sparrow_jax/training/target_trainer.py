@@ -110,19 +110,24 @@ def _answer_logits(model, batch: TargetBatch, impl: AttentionImpl = XLA, visual_
     return model.logits(tg._gather_rows(h_BTD, batch.loss_idx_BL)).astype(jnp.float32)
 
 
-def answer_token_ce(model, batch: TargetBatch, impl: AttentionImpl = XLA) -> jax.Array:
-    """[B, L] cross-entropy of each answer slot (padding slots included; weight_BL says which count)."""
-    return optax.softmax_cross_entropy_with_integer_labels(_answer_logits(model, batch, impl), batch.labels_BL)
+def answer_token_stats(model, batch: TargetBatch, impl: AttentionImpl = XLA, visual_feats=None):
+    """([B, L] cross-entropy, [B, L] top-1 hit) of each answer slot (padding slots included; weight_BL
+    says which count): one forward serves any weighting of the answer tokens."""
+    logits_BLV = _answer_logits(model, batch, impl, visual_feats)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch.labels_BL)
+    return ce_BL, (jnp.argmax(logits_BLV, -1) == batch.labels_BL).astype(jnp.float32)
+
+
+def weighted_sums(ce_BL, hit_BL, weight_BL, first_BL) -> dict:
+    """Summed cross-entropy and top-1 hits over the tokens weight_BL selects, and their counts (jnp or np)."""
+    return {"ce": (ce_BL * weight_BL).sum(), "hits": (hit_BL * weight_BL).sum(),
+            "first_hits": (hit_BL * first_BL).sum(), "tokens": weight_BL.sum(), "answers": first_BL.sum()}
 
 
 def answer_sums(model, batch: TargetBatch, impl: AttentionImpl = XLA, visual_feats=None) -> dict:
     """Summed cross-entropy and top-1 hits over the answer tokens, and their counts."""
-    logits_BLV = _answer_logits(model, batch, impl, visual_feats)
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch.labels_BL)
-    hit_BL = (jnp.argmax(logits_BLV, -1) == batch.labels_BL).astype(jnp.float32)
-    return {"ce": (ce_BL * batch.weight_BL).sum(), "hits": (hit_BL * batch.weight_BL).sum(),
-            "first_hits": (hit_BL * batch.first_BL).sum(), "tokens": batch.weight_BL.sum(),
-            "answers": batch.first_BL.sum()}
+    ce_BL, hit_BL = answer_token_stats(model, batch, impl, visual_feats)
+    return weighted_sums(ce_BL, hit_BL, batch.weight_BL, batch.first_BL)
 
 
 def answer_metrics(s: dict) -> dict:
