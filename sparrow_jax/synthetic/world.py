@@ -47,6 +47,7 @@ LIGHTING = {"bright": 1.0, "dim": 0.45}
 EVENT_KINDS = ("enter", "exit", "background", "lights")
 
 # Named lengths at the default config (16 visual tokens per second): name -> seconds.
+MIN_DURATION = 4  # seconds: room for events spread over the clip
 LENGTHS = {"short": 8, "0.5k": 32, "1.5k": 96, "4k": 256, "8k": 512, "16k": 1024, "25k": 1600}
 
 SPLITS = {"train": (0, 10_000_000), "validation": (10_000_000, 10_100_000), "test": (20_000_000, 20_100_000)}
@@ -215,8 +216,8 @@ def _event_times(rng, duration: int, n: int) -> list[int]:
 def make_scene(seed: int, duration: int, cfg: WorldConfig = WorldConfig()) -> Scene:
     """The scene of (`seed`, `duration`): deterministic, independent across durations."""
     duration = int(duration)
-    if duration < 4:
-        raise ValueError(f"scene duration must be at least 4 seconds, got {duration}")
+    if duration < MIN_DURATION:
+        raise ValueError(f"scene duration must be at least {MIN_DURATION} seconds, got {duration}")
     rng = np.random.default_rng([int(seed), duration])
     combos = list(itertools.product(COLOURS, SHAPES))
     order = rng.permutation(len(combos))
