@@ -10,8 +10,8 @@
 #     LM + vision tower from scratch on detailed captions of static one-object scenes (sprites x2), then
 #     more steps on the same data; each stage probed real vs blank video      -> shipped/tiny-qwen2.5-vl
 #     (+ world.json: the scene settings it was trained on, which the demo, the drafts and the benches use)
-#  3. drafts on the final target: Sparrow (text-only view, IVSB + MTP) and MSD-style (full visual view)
-#                                                                          -> shipped/drafts/{sparrow,msd}
+#  3. drafts on the final target: Sparrow (text-only view, IVSB + MTP), MSD-style (full visual view) and
+#     plain EAGLE (text-only view, no IVSB, no MTP)                         -> shipped/drafts/{sparrow,msd,eagle}
 #  4. per-length tree choice for this backend                             -> shipped/drafts/sparrow/tree_choice.json
 #  5. the acceptance check: greedy captions/answers with the real, a blank and a shuffled video
 set -euo pipefail
@@ -20,15 +20,15 @@ export HF_HUB_OFFLINE=1
 
 python -m sparrow_jax.synthetic.tokenizer
 bash scripts/train_reading_target.sh
-final=$(ls -d runs/target_curriculum/[0-9][0-9]_*/ | tail -1)
+final=runs/target_curriculum/$(basename "$(ls configs/target_curriculum/[0-9][0-9]_*.json | tail -1)" .json)/
 cp "$final"hf/{config.json,model.safetensors,generation_config.json,world.json} shipped/tiny-qwen2.5-vl/
 cat runs/target_curriculum/[0-9][0-9]_*/metrics.jsonl > shipped/tiny-qwen2.5-vl/training_metrics.jsonl
-for d in sparrow msd; do
+for d in sparrow msd eagle; do
   python train.py --config "configs/train_tiny_draft_$d.json" --export "runs/draft_$d/export"
   mkdir -p "shipped/drafts/$d" && cp "runs/draft_$d/export"/* "shipped/drafts/$d/"
   cp "runs/draft_$d/metrics.jsonl" "shipped/drafts/$d/training_metrics.jsonl"
 done
-for d in sparrow msd; do
+for d in sparrow msd eagle; do
   python bench/tree_search.py --draft "shipped/drafts/$d" --lengths 8,32 --scenes 2 \
       --candidates 6-2-2,8-3-2,12-4-3,16-4-4,24-5-6,48-5-10,chain3,chain5
 done
