@@ -13,6 +13,7 @@ decode.py --mesh and DecodeConfig.mesh."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -103,9 +104,12 @@ def check_mesh(text, cfg=None, *, devices=None, batch: int | None = None, name: 
         if bad:
             rep = rules_replicate(cfg, spec)
             shown = "; ".join(rep[:6]) + (f"; ... {len(rep) - 6} more" if len(rep) > 6 else "")
-            raise MeshError(f"{name} {spec}: tensor={spec.tensor} does not divide the target's {' and '.join(bad)} "
-                            f"(a head would be cut across devices); the rules would replicate "
-                            f"{len(rep)} parameter(s): {shown or 'none (the heads are cut, the KV cache is whole)'}")
+            cache = (f"the KV cache would stay whole ({t.num_key_value_heads} KV heads)"
+                     if t.num_key_value_heads % spec.tensor else "the KV cache would be split")
+            raise MeshError(f"{name} {spec}: tensor={spec.tensor} does not divide the target's {' and '.join(bad)}: "
+                            f"{cache}, the q/k/v/o kernels would be cut inside a head, and the rules would replicate "
+                            f"{len(rep)} parameter(s){': ' + shown if rep else ''}; use a tensor size that divides "
+                            f"{math.gcd(t.num_attention_heads, t.num_key_value_heads)}")
     if batch is not None and batch % spec.data:
         raise MeshError(f"{name} {spec}: a batch of {batch} row(s) does not split over data={spec.data} "
                         f"(pass a multiple of {spec.data} rows)")
@@ -169,7 +173,7 @@ class Placement:
 
 def place_model(model, shardings) -> None:
     """Move a model's parameters onto `shardings` (a tree prefix of its nnx.Param state), in place."""
-    nnx.update(model, jax.device_put(nnx.state(model, nnx.Param), shardings))
+    nnx.update(model, jax.device_put(nnx.state(model), shardings))
 
 
 def put(args, shardings):
