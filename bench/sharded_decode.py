@@ -28,7 +28,9 @@ from common import environment  # noqa: E402
 from sparrow_jax import api  # noqa: E402
 
 CONFIG = _tiny.hf_config_dict(text={"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8,
-                                    "num_key_value_heads": 8}, vision={"out_hidden_size": 256})
+                                    "num_key_value_heads": 8,
+                                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [4, 6, 6]}}, vision={"out_hidden_size": 256})
 QUESTIONS = ["What moves in the scene?", "Describe the colours."]
 
 
