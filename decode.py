@@ -124,6 +124,11 @@ def parse_args(argv=None):
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--attention", choices=["xla", "pallas"], default="xla", help="attention implementation")
+    gen.add_argument("--mesh", default=None,
+                     help="run the target tensor-parallel over a device mesh, e.g. data=1,tensor=8: heads, MLP, vocab "
+                     "and the KV cache's KV heads split over `tensor`, batch rows over `data`, the draft replicated "
+                     "(data*tensor must be the device count; tensor must divide the attention and KV heads). On CPU: "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=8. Default: one device")
     ap.add_argument("--jsonl", help="append one JSON line per row with tokens, text and timings")
     return ap.parse_args(argv)
 
@@ -147,7 +152,7 @@ def settings(args) -> dict:
     """The flags as the decode settings api.check_settings / check_for_target read (None = not given)."""
     return {key: getattr(args, key) for key in (
         "mode", "tree", "max_new_tokens", "m_star", "keep_fraction", "prune_by", "temperature", "top_p", "top_k",
-        "fps", "max_frames", "min_pixels", "max_pixels", "num_frames", "max_visual_tokens")}
+        "fps", "max_frames", "min_pixels", "max_pixels", "num_frames", "max_visual_tokens", "mesh")}
 
 
 def check_args(args):
@@ -186,7 +191,7 @@ def check_args_for_target(args, cfg):
     from sparrow_jax import api  # noqa: PLC0415
 
     try:
-        api.check_for_target(settings(args), cfg, cli_flag)
+        api.check_for_target({**settings(args), "batch": len(cli_rows(args)[0])}, cfg, cli_flag)
     except api.DecodeConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -200,7 +205,7 @@ def decode_config(args):
         mode=args.mode, tree=args.tree, max_new_tokens=args.max_new_tokens,
         sampling=api.SamplingParams(args.temperature, args.top_p, args.top_k), seed=args.seed,
         attention=args.attention, m_star=args.m_star, keep_fraction=args.keep_fraction, prune_by=args.prune_by,
-        force_view=args.force_view, vision=vision_options(args))
+        force_view=args.force_view, vision=vision_options(args), mesh=args.mesh)
 
 
 def vision_options(args):
@@ -343,6 +348,7 @@ def main(argv=None):
         fail(e, 1)
     print(f"[decode] target: {decoder.target_source}\n[decode] tokenizer: {codec.name}\n[decode] backend: "
           f"{jax.default_backend()}, dtype {args.dtype}, batch {len(prompts)}, mode {args.mode}" +
+          (f", mesh {decoder.mesh_spec} ({len(jax.devices())} devices)" if decoder.mesh_spec else "") +
           (f", tree {tree}, draft: {decoder.draft_source}" if visual_mode else ""))
 
     B = len(prompts)

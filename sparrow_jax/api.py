@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.decoding import engine as E
+from sparrow_jax.decoding import placement as PL
 from sparrow_jax.decoding import tree_choice
 from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity
 from sparrow_jax.decoding.metrics import acceptance_summary
@@ -86,7 +87,9 @@ class DecodeConfig:
     or "auto" (the draft directory's tree_choice.json for the prompt's visual length, else 48-5-10).
     sampling: one SamplingParams for every row or one per row (temperature 0 = greedy). m_star,
     keep_fraction, prune_by: None = the draft's trained settings. force_view: run a draft in a view it
-    was not trained for (lossless, but its inputs differ from training)."""
+    was not trained for (lossless, but its inputs differ from training). mesh: "data=D,tensor=T" runs the
+    target tensor-parallel (heads, MLP, vocab and the KV cache's KV heads split over T devices, rows
+    over D; the draft replicated; decoding/placement.py); the tokens are those of one device."""
 
     mode: str = "sparrow"
     tree: str = "auto"
@@ -99,6 +102,7 @@ class DecodeConfig:
     prune_by: str | None = None
     force_view: bool = False
     vision: VisionOptions = VisionOptions()
+    mesh: str | None = None  # "data=D,tensor=T": the target tensor-parallel over D*T devices (None: one device)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -125,7 +129,7 @@ class DecodeConfig:
         rows = self.sampling if isinstance(self.sampling, tuple) else (self.sampling,)
         return {"mode": self.mode, "tree": self.tree, "max_new_tokens": self.max_new_tokens, "m_star": self.m_star,
                 "keep_fraction": self.keep_fraction, "prune_by": self.prune_by,
-                "top_k": max(s.top_k for s in rows), **dataclasses.asdict(self.vision)}
+                "top_k": max(s.top_k for s in rows), "mesh": self.mesh, **dataclasses.asdict(self.vision)}
 
     def row_sampling(self, row: int) -> SamplingParams:
         return self.sampling[row] if isinstance(self.sampling, tuple) else self.sampling
@@ -174,6 +178,11 @@ def check_settings(values: Mapping, name: Callable[[str], str] = str) -> TreeSpe
     if given("keep_fraction") and not 0 < values["keep_fraction"] <= 1:
         raise DecodeConfigError(f"{name('keep_fraction')} {values['keep_fraction']}: must be in (0, 1] (the share of "
                                 "visual positions the draft keeps)")
+    if given("mesh"):
+        try:
+            PL.parse_mesh(values["mesh"], name("mesh"))
+        except PL.MeshError as e:
+            raise DecodeConfigError(str(e)) from None
     text = values.get("tree", "auto")
     if text == "auto":  # resolved once the prompts are built (resolve_tree)
         return None
@@ -186,7 +195,12 @@ def check_settings(values: Mapping, name: Callable[[str], str] = str) -> TreeSpe
 
 
 def check_for_target(values: Mapping, cfg, name: Callable[[str], str] = str) -> None:
-    """The rules on decode settings that need the target's config (read before any weights)."""
+    """The rules on decode settings that need the target's config (read before any weights); the mesh
+    also against this process's devices and, when `values` has it, the batch's row count."""
+    try:
+        PL.check_mesh(values.get("mesh"), cfg, devices=jax.devices(), batch=values.get("batch"), name=name("mesh"))
+    except PL.MeshError as e:
+        raise DecodeConfigError(str(e)) from None
     L, V = cfg.num_layers, cfg.text.vocab_size
     m_star, top_k = values.get("m_star"), values.get("top_k")
     if m_star is not None and not 0 < m_star < L:
@@ -398,6 +412,29 @@ class SpecDecoder:
                                              "draft" if draft is not None else RANDOM_DRAFT)
         self.tgraph, self.tparams = nnx.split(target)  # split once: every call hits the same compiled programs
         self._random_drafts: dict[str, SparrowDraft] = {}
+        self.mesh_spec: PL.MeshSpec | None = None  # where the parameters are placed now (None: one device)
+        self.placement: PL.Placement | None = None
+        self.place(config.mesh)
+
+    def place(self, mesh: str | PL.MeshSpec | None) -> PL.Placement | None:
+        """Put the target's parameters on `mesh` (from their declared axes; None: back on one device) and
+        the drafts replicated, unless they are there already; the Placement the decode programs take."""
+        spec = PL.check_mesh(mesh, self.target.cfg, devices=jax.devices())
+        if spec == self.mesh_spec:
+            return self.placement
+        if spec is None:
+            self.placement, on = None, jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            t_on = on
+        else:
+            self.placement = PL.Placement.for_target(nnx.state(self.target), PL.make_mesh(spec))
+            t_on, on = self.placement.target_params, self.placement.replicated
+        PL.place_model(self.target, t_on)
+        for d in (self.draft, *self._random_drafts.values()):
+            if d is not None:
+                PL.place_model(d, on)
+        self.mesh_spec = spec
+        self.tgraph, self.tparams = nnx.split(self.target)
+        return self.placement
 
     @classmethod
     def from_pretrained(cls, target_dir, draft_dir=None, *, config: DecodeConfig | None = None,
@@ -450,8 +487,11 @@ class SpecDecoder:
             return self.draft
         view = views.view_for_mode(ENGINE_MODE[mode])
         if view not in self._random_drafts:
-            self._random_drafts[view] = SparrowDraft(DraftConfig.for_target(self.target.cfg, visual_view=view),
-                                                     rngs=nnx.Rngs(self.seed + 1), dtype=self.dtype)
+            draft = SparrowDraft(DraftConfig.for_target(self.target.cfg, visual_view=view),
+                                 rngs=nnx.Rngs(self.seed + 1), dtype=self.dtype)
+            if self.placement is not None:
+                PL.place_model(draft, self.placement.replicated)
+            self._random_drafts[view] = draft
         return self._random_drafts[view]
 
     def _config(self, config: DecodeConfig | None, overrides: Mapping) -> DecodeConfig:
@@ -472,8 +512,8 @@ class SpecDecoder:
         None for none; see Processor). Settings: `config` (default: the decoder's) with DecodeConfig
         field overrides, e.g. `max_new_tokens=64, mode="ar", sampling=SamplingParams(0.7, top_p=0.9)`."""
         config = self._config(config, overrides)
-        check_for_target(config.settings(), self.target.cfg)
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        check_for_target({**config.settings(), "batch": len(texts)}, self.target.cfg)
         if isinstance(config.sampling, tuple) and len(config.sampling) != len(texts):
             raise ValueError(f"sampling: {len(config.sampling)} per-row settings for {len(texts)} prompt(s)")
         rows = self.processor(texts, videos, images, config.vision)
@@ -500,6 +540,7 @@ class SpecDecoder:
         ecfg = self._engine_config(config, tree)
         key = jax.random.key(config.seed)
         tcfg = self.target.cfg
+        placement = self.place(config.mesh)
         if config.mode == "ar":
             m_star = config.m_star or tg.default_m_star(tcfg.num_layers)
             t0 = time.perf_counter()
@@ -507,12 +548,12 @@ class SpecDecoder:
             tg.check_context(batch, tcfg.text, config.max_new_tokens)
             capacity = cache_capacity(batch.input_ids_BT.shape[1], config.max_new_tokens, ecfg.cache_slack)
             pre = jax.block_until_ready(tg.prefill(self.tgraph, self.tparams, batch, capacity=capacity, m_star=m_star,
-                                                   impl=ecfg.impl))
+                                                   impl=ecfg.impl, placement=placement))
             t1 = time.perf_counter()
             res = jax.block_until_ready(ar_generate(
                 self.tgraph, self.tparams, pre.cache, pre.last_logits_BV, pre.rope_delta_B, key,
                 max_new_tokens=config.max_new_tokens, sampling=config.sampling, eos_ids=ecfg.eos_ids,
-                impl=ecfg.impl, on_emit=on_emit))
+                impl=ecfg.impl, on_emit=on_emit, placement=placement))
             t2 = time.perf_counter()
             return Run(config, tree, m_star, np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B), t1 - t0, t2 - t1,
                        batch)
@@ -522,12 +563,13 @@ class SpecDecoder:
         t0 = time.perf_counter()
         p = E.prepare(self.target, draft, prompts, ecfg, mode=ENGINE_MODE[config.mode],
                       keep_fraction=config.keep_fraction, prune_by=config.prune_by, m_star=config.m_star,
-                      allow_view_mismatch=config.force_view)
+                      allow_view_mismatch=config.force_view, placement=placement)
         jax.block_until_ready((p.pre, p.dcache))
         t1 = time.perf_counter()
         res = jax.block_until_ready(E.speculative_generate(
             self.tgraph, self.tparams, dgraph, dparams, p.pre.cache, p.dcache, p.pre.last_logits_BV,
-            p.pre.last_hidden_BD, p.pre.rope_delta_B, key, cfg=ecfg, sampling=config.sampling, on_emit=on_emit))
+            p.pre.last_hidden_BD, p.pre.rope_delta_B, key, cfg=ecfg, sampling=config.sampling, on_emit=on_emit,
+            placement=placement))
         t2 = time.perf_counter()
         return Run(config, tree, m_star, np.asarray(res.tokens_BM), np.asarray(res.num_tokens_B), t1 - t0, t2 - t1,
                    p.batch, np.asarray(res.accepted_BR), np.asarray(res.cut_BR))

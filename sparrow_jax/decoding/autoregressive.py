@@ -8,18 +8,22 @@ The whole generation is one jitted `lax.while_loop`; rows stop independently (EO
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparrow_jax.decoding import streaming
+from sparrow_jax.decoding.placement import Placement, put
 from sparrow_jax.decoding.sampling import SamplingArrays, SamplingParams, as_sampling, select_tokens
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
+from sparrow_jax.training.sharding import RULES
 
 
 @jax.tree_util.register_dataclass
@@ -39,17 +43,23 @@ def _is_eos(tok_B, eos_ids):
 
 def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, *, max_new_tokens: int,
                 sampling=None, eos_ids: tuple[int, ...] = (), impl: AttentionImpl = XLA, on_emit=None,
-                key_visible_LBS=None) -> GenerationResult:
+                key_visible_LBS=None, placement: Placement | None = None) -> GenerationResult:
     """Generate up to `max_new_tokens` per row after `prefill` (its cache, last logits and rope delta).
     The cache must have room for them (`cache_capacity`); it is donated. `sampling`: None (greedy),
     SamplingParams (one for all rows or one per row) or SamplingArrays; changing its values reuses the
     compiled loop. `on_emit(tokens [B, 1], counts [B])` is an optional host hook for streaming (a
     device->host transfer per step). key_visible_LBS [layers, B, capacity]: the internalization study's
-    visual-KV removal (`target.visual_key_visibility`), applied at every step."""
+    visual-KV removal (`target.visual_key_visibility`), applied at every step. `placement`: run
+    tensor-parallel on its mesh (`sharded_ar_loop`); None: one device."""
+    sampling = as_sampling(sampling, last_logits_BV.shape[0])
+    static = dict(max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), impl=impl)
     with streaming.hooked(on_emit) as emit_id:
-        return ar_loop(graphdef, params, cache, last_logits_BV, rope_delta_B, key,
-                       as_sampling(sampling, last_logits_BV.shape[0]), emit_id, key_visible_LBS,
-                       max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), impl=impl)
+        if placement is None:
+            return ar_loop(graphdef, params, cache, last_logits_BV, rope_delta_B, key, sampling, emit_id,
+                           key_visible_LBS, **static)
+        placement.check_rows(last_logits_BV.shape[0])
+        loop, ins = sharded_ar_loop(graphdef, placement, **static)
+        return loop(*put((params, cache, last_logits_BV, rope_delta_B, key, sampling, emit_id, key_visible_LBS), ins))
 
 
 @jax.tree_util.register_dataclass
@@ -103,6 +113,23 @@ def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key,
                    n_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool), step=jnp.int32(0), key=key)
     s = jax.lax.while_loop(cond, body, init)
     return GenerationResult(s.tokens_BM, s.n_B, s.cache, s.step)
+
+
+@functools.lru_cache(maxsize=32)
+def sharded_ar_loop(graphdef, placement: Placement, *, max_new_tokens: int, eos_ids: tuple[int, ...] = (),
+                    impl: AttentionImpl = XLA):
+    """`ar_loop` on `placement`'s mesh, still one jitted call: parameters from their declared axes, the
+    cache split by row and KV head (donated), row arrays by row. (jitted fn of the loop's arguments
+    after the graph, in_shardings)."""
+    rows, rep, cache_s = placement.rows, placement.replicated, placement.target_cache
+    # params, cache, last_logits, rope_delta, key, sampling, emit_id, key_visible_LBS [L, B, S]
+    ins = (placement.target_params, cache_s, rows, rows, rep, rows, rep, placement.named(P(None, RULES["batch"])))
+
+    def loop(params, cache, last_logits_BV, rope_delta_B, key, sampling, emit_id, key_visible_LBS):
+        return ar_loop(graphdef, params, cache, last_logits_BV, rope_delta_B, key, sampling, emit_id, key_visible_LBS,
+                       max_new_tokens=max_new_tokens, eos_ids=eos_ids, impl=impl)
+    return jax.jit(loop, in_shardings=ins, out_shardings=GenerationResult(rows, rows, cache_s, rep),
+                   donate_argnums=(1,)), ins
 
 
 def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int = 1) -> int:

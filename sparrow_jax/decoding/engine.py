@@ -21,6 +21,7 @@ verify — exact features, never the draft's own guesses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import jax
@@ -29,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.decoding.acceptance import accept_greedy, accept_sampling
+from sparrow_jax.decoding.placement import Placement, put
 from sparrow_jax.decoding.autoregressive import cache_capacity
 from sparrow_jax.decoding import streaming
 from sparrow_jax.decoding.sampling import SamplingArrays, as_sampling, select_tokens
@@ -163,6 +165,20 @@ def draft_prefill(dgraph, dparams, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, nex
     return (cache, h_BPD) if outputs else cache
 
 
+@functools.lru_cache(maxsize=32)
+def sharded_draft_prefill(dgraph, placement: Placement, *, capacity: int, impl: AttentionImpl = XLA,
+                          outputs: bool = False):
+    """`draft_prefill` on `placement`'s mesh (the draft replicated, its items and cache split by row):
+    (jitted fn of (dparams, e, hprev, text, pos, len, next_pos), its in_shardings)."""
+    rows = placement.rows
+    ins = (placement.replicated,) + (rows,) * 6
+    outs = (placement.draft_cache, rows) if outputs else placement.draft_cache
+
+    def fn(dparams, *items):
+        return draft_prefill(dgraph, dparams, *items, capacity=capacity, impl=impl, outputs=outputs)
+    return jax.jit(fn, in_shardings=ins, out_shardings=outs), ins
+
+
 # --------------------------------------------------------------------------------------- the loop
 
 
@@ -278,16 +294,23 @@ def check_capacity(tcache: KVCache, dcache: KVCache, cfg: EngineConfig):
 
 def speculative_generate(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
                          last_hidden_BD, rope_delta_B, key, *, cfg: EngineConfig, sampling=None,
-                         on_emit=None) -> SpecResult:
+                         on_emit=None, placement: Placement | None = None) -> SpecResult:
     """Generate up to cfg.max_new_tokens per row after both prefills (`prepare`); one compiled
     while_loop (`speculative_loop`). The caches are checked for room (`check_capacity`), then donated.
     `sampling`: None (greedy), SamplingParams (one for all rows or one per row) or SamplingArrays;
     changing its values reuses the compiled loop. `on_emit(tokens [B, L], counts [B])`: an optional
-    host hook called as tokens are committed (streaming; a device->host transfer per round)."""
+    host hook called as tokens are committed (streaming; a device->host transfer per round).
+    `placement`: run tensor-parallel on its mesh (`sharded_speculative_loop`); None: one device."""
     check_capacity(tcache, dcache, cfg)
+    sampling = as_sampling(sampling, last_logits_BV.shape[0])
     with streaming.hooked(on_emit) as emit_id:
-        return speculative_loop(tgraph, tparams, dgraph, dparams, tcache, dcache, last_logits_BV, last_hidden_BD,
-                                rope_delta_B, key, as_sampling(sampling, last_logits_BV.shape[0]), emit_id, cfg=cfg)
+        if placement is None:
+            return speculative_loop(tgraph, tparams, dgraph, dparams, tcache, dcache, last_logits_BV, last_hidden_BD,
+                                    rope_delta_B, key, sampling, emit_id, cfg=cfg)
+        placement.check_rows(last_logits_BV.shape[0])
+        loop, ins = sharded_speculative_loop(tgraph, dgraph, cfg, placement)
+        return loop(*put((tparams, dparams, tcache, dcache, last_logits_BV, last_hidden_BD, rope_delta_B, key,
+                          sampling, emit_id), ins))
 
 
 @jax.tree_util.register_dataclass
@@ -366,6 +389,22 @@ def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: 
     return SpecResult(s.out_BW[:, :M], s.n_out_B, s.accepted_BM, s.cut_BM, s.r, s.tcache, s.dcache)
 
 
+@functools.lru_cache(maxsize=32)
+def sharded_speculative_loop(tgraph, dgraph, cfg: EngineConfig, placement: Placement):
+    """`speculative_loop` on `placement`'s mesh, still one jitted call: target parameters from their
+    declared axes, the draft replicated, caches split by row (and the target's by KV head), row arrays
+    by row; both caches donated. (jitted fn of the loop's arguments after the graphs, in_shardings)."""
+    rows, rep, tc, dc = placement.rows, placement.replicated, placement.target_cache, placement.draft_cache
+    # tparams, dparams, tcache, dcache, last_logits, last_hidden, rope_delta, key, sampling, emit_id
+    ins = (placement.target_params, rep, tc, dc, rows, rows, rows, rep, rows, rep)
+
+    def loop(tparams, dparams, tcache, dcache, last_logits_BV, last_hidden_BD, rope_delta_B, key, sampling, emit_id):
+        return speculative_loop(tgraph, tparams, dgraph, dparams, tcache, dcache, last_logits_BV, last_hidden_BD,
+                                rope_delta_B, key, sampling, emit_id, cfg=cfg)
+    return jax.jit(loop, in_shardings=ins, out_shardings=SpecResult(rows, rows, rows, rows, rep, tc, dc),
+                   donate_argnums=(2, 3)), ins
+
+
 # ----------------------------------------------------------------------------------- host wrapper
 
 
@@ -382,7 +421,8 @@ class Prepared:
 
 def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only",
             keep_fraction: float | None = None, prune_by: str | None = None, m_star: int | None = None,
-            prepare_batch=None, allow_view_mismatch: bool = False, draft_outputs: bool = False) -> Prepared:
+            prepare_batch=None, allow_view_mismatch: bool = False, draft_outputs: bool = False,
+            placement: Placement | None = None) -> Prepared:
     """Host: build the padded batch for `mode`, run the target prefill and the draft prefill.
 
     `mode` runs a visual view (views.MODE_VIEW); a draft trained for another view
@@ -410,11 +450,15 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)
     pre = tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, cfg.max_new_tokens, cfg.cache_slack),
-                     m_star=m_star, impl=cfg.impl)
-    out = draft_prefill(dgraph, dparams, pre.draft_e_BPD, pre.draft_hprev_BPD, pre.draft_text_BP, lay.pos_BP,
-                        lay.len_B, lay.next_pos_B,
-                        capacity=cache_capacity(lay.idx_BP.shape[1], cfg.max_new_tokens, cfg.cache_slack),
-                        impl=cfg.impl, outputs=draft_outputs)
+                     m_star=m_star, impl=cfg.impl, placement=placement)
+    items = (pre.draft_e_BPD, pre.draft_hprev_BPD, pre.draft_text_BP, lay.pos_BP, lay.len_B, lay.next_pos_B)
+    dstatic = dict(capacity=cache_capacity(lay.idx_BP.shape[1], cfg.max_new_tokens, cfg.cache_slack), impl=cfg.impl,
+                   outputs=draft_outputs)
+    if placement is None:
+        out = draft_prefill(dgraph, dparams, *items, **dstatic)
+    else:
+        fn, ins = sharded_draft_prefill(dgraph, placement, **dstatic)
+        out = fn(*put((dparams, *items), ins))
     dcache, h_BPD = out if draft_outputs else (out, None)
     return Prepared(pre, dcache, batch, lay, h_BPD)
 

@@ -16,11 +16,13 @@ with the LM's sequence, not with the tower's activations over every patch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models.attention import XLA, AttentionImpl
@@ -230,21 +232,50 @@ def encode_visuals_chunked(graphdef, params, pixels_PC, layout, *, impl: Attenti
 
 def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: AttentionImpl = XLA,
             states: bool = False, key_visible_LBS=None,
-            vision_chunk_patches: int | None = VISION_CHUNK_PATCHES) -> PrefillOutput:
+            vision_chunk_patches: int | None = VISION_CHUNK_PATCHES, placement=None) -> PrefillOutput:
     """Run the target on the whole prompt (video included). `capacity` is the cache length S, which
     must cover prompt + generated tokens + one verify block. Only what is asked for leaves the call:
     the draft's items when `batch.draft_idx_BP` is set (layer-m* states only for a view or pruning
     rule that reads them), the all-position text / layer-m* visual states only with `states=True`.
     key_visible_LBS [layers, B, T]: the internalization study's visual-KV removal (`visual_key_visibility`).
     The visuals are encoded first, in chunks of `vision_chunk_patches` (`encode_visuals_chunked`); None
-    runs the tower over every patch inside the one jitted call (the reference path)."""
+    runs the tower over every patch inside the one jitted call (the reference path).
+    `placement` (decoding.placement.Placement): run on its mesh (`sharded_prefill`; the tower's chunks
+    follow the placed parameters); None: one device."""
     pixels = batch.pixels_PC
     if vision_chunk_patches and pixels is not None and not isinstance(pixels, jax.core.Tracer):
         feats = encode_visuals_chunked(graphdef, params, pixels, batch.vision_layout, impl=impl,
                                        chunk_patches=vision_chunk_patches)
         batch = dataclasses.replace(batch, pixels_PC=None, vision_layout=None, visual_feats_MD=feats)
-    return _prefill(graphdef, params, batch, capacity=capacity, m_star=m_star, impl=impl, states=states,
-                    key_visible_LBS=key_visible_LBS)
+    static = dict(capacity=capacity, m_star=m_star, impl=impl, states=states)
+    if placement is None:
+        return _prefill(graphdef, params, batch, key_visible_LBS=key_visible_LBS, **static)
+    placement.check_rows(batch.input_ids_BT.shape[0])
+    fn, ins = sharded_prefill(graphdef, placement, batch.draft_by_attention, batch.draft_visual_state, **static)
+    return fn(*(a if a is None else jax.device_put(a, s) for a, s in zip((params, batch, key_visible_LBS), ins)))
+
+
+@functools.lru_cache(maxsize=32)
+def sharded_prefill(graphdef, placement, draft_by_attention: bool, draft_visual_state, *, capacity: int, m_star: int,
+                    impl: AttentionImpl = XLA, states: bool = False):
+    """`_prefill` on `placement`'s mesh: parameters from their declared axes, the batch's row arrays by
+    row (positions [3, B, T] on their second axis; the flat visual arrays whole), the outputs by row and
+    the cache by row and KV head. The batch's static fields shape its sharding tree, hence the key.
+    (jitted fn of (params, batch, key_visible_LBS), in_shardings)."""
+    rows, rep = placement.rows, placement.replicated
+    by_row = placement.named(P(None, *rows.spec))
+    batch_s = PrefillBatch(
+        input_ids_BT=rows, lengths_B=rows, positions_3BT=by_row, rope_delta_B=rows, text_idx_BL=rows, text_len_B=rows,
+        vis_idx_BM=rows, vis_len_B=rows, pixels_PC=rep, vision_layout=rep, visual_dest=rep, visual_feats_MD=rep,
+        draft_idx_BP=rows, draft_len_B=rows, draft_keep_vis_B=rows, draft_by_attention=draft_by_attention,
+        draft_visual_state=draft_visual_state)
+    ins = (placement.target_params, batch_s, by_row)
+    outs = PrefillOutput(placement.target_cache, *(rows,) * 9)
+
+    def fn(params, batch, key_visible_LBS):
+        return _prefill(graphdef, params, batch, key_visible_LBS=key_visible_LBS, capacity=capacity, m_star=m_star,
+                        impl=impl, states=states)
+    return jax.jit(fn, in_shardings=ins, out_shardings=outs), ins
 
 
 def lower_prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: AttentionImpl = XLA,
