@@ -13,6 +13,9 @@ A rendered table sits between two markers; the opening marker holds its recipe a
 - file: a JSON-lines file under bench/results/; where: field = value filters (dotted paths reach into nested
   records, e.g. "ar.tokens_per_s"; a list value = one of); since: keep records whose "date" is on or after it.
 - key: fields that name one row; a later record with the same key replaces the earlier (a rerun wins).
+- explode: {"path": "results", "as": ["length", "condition"]} makes one row per leaf of a record's nested
+  dict at that path (two levels here), the keys bound to the names in "as" (numeric keys as numbers) and the
+  record's own fields under "record." (filters apply to records, before exploding).
 - sort: fields to order rows by (default: file order); cols: [header, field, format] (format a str.format
   pattern, default "{}"; "{:%}"-style and "{:,}" work; a missing field renders as "—"; a list renders its
   items formatted and space-separated).
@@ -74,14 +77,43 @@ def select(records: list[dict], recipe: dict) -> list[dict]:
     return rows
 
 
+def _number(key: str):
+    try:
+        return int(key)
+    except ValueError:
+        try:
+            return float(key)
+        except ValueError:
+            return key
+
+
+def explode(records: list[dict], spec: dict) -> list[dict]:
+    """One row per leaf `depth` levels down record[spec["path"]], keyed as spec["as"] names."""
+    names, out = list(spec["as"]), []
+
+    def walk(node, bound, record):
+        if len(bound) == len(names):
+            out.append({**(node if isinstance(node, dict) else {"value": node}), **bound, "record": record})
+            return
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, {**bound, names[len(bound)]: _number(k)}, record)
+
+    for r in records:
+        walk(field(r, spec["path"]), {}, r)
+    return out
+
+
 def table(recipe: dict, results: Path = RESULTS) -> str:
     path = results / recipe["file"]
     if not path.is_file():
         raise RenderError(f"{path}: no such results file")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = select(records, recipe)
+    rows = select(records, {k: v for k, v in recipe.items() if k not in ("key", "sort")} if "explode" in recipe else recipe)
     if not rows:
         raise RenderError(f"{path}: no record matches where={recipe.get('where')} since={recipe.get('since')}")
+    if "explode" in recipe:
+        rows = select(explode(rows, recipe["explode"]), {"key": recipe.get("key"), "sort": recipe.get("sort")})
     cols = [(c[0], c[1], c[2] if len(c) > 2 else "{}") for c in recipe["cols"]]
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |",
              "|" + "|".join("---:" if any(isinstance(field(r, f), (int, float)) for r in rows) else "---"

@@ -66,3 +66,14 @@ def test_broken_recipe_names_its_table(tmp_path, capsys, change, words):
 
 def test_committed_benchmarks_are_rendered_from_committed_results():
     assert render.main(["--check"]) == 0
+
+
+def test_explode_nested_results_into_rows(tmp_path):
+    rec = {"bench": "reads", "date": "2026-12-06", "target": "t",
+           "results": {"32": {"real": {"score": 0.5}, "blank": {"score": 0.25}}, "8": {"real": {"score": 0.75}}}}
+    (tmp_path / "r.jsonl").write_text(json.dumps(rec) + "\n")
+    recipe = {"file": "r.jsonl", "where": {"bench": "reads"}, "explode": {"path": "results", "as": ["len", "cond"]},
+              "sort": ["len", "cond"], "cols": [["len", "len"], ["video", "cond"], ["score", "score", "{:.2f}"],
+                                                ["target", "record.target"]]}
+    body = render.table(recipe, tmp_path).splitlines()
+    assert body[2:] == ["| 8 | real | 0.75 | t |", "| 32 | blank | 0.25 | t |", "| 32 | real | 0.50 | t |"]
