@@ -14,7 +14,8 @@ A rendered table sits between two markers; the opening marker holds its recipe a
   records, e.g. "ar.tokens_per_s"; a list value = one of); since: keep records whose "date" is on or after it.
 - key: fields that name one row; a later record with the same key replaces the earlier (a rerun wins).
 - explode: {"path": "results", "as": ["length", "condition"]} makes one row per leaf of a record's nested
-  dict at that path (two levels here), the keys bound to the names in "as" (numeric keys as numbers) and the
+  dict at that path (two levels here; a list at any level gives one row per item, e.g. {"path": "rows",
+  "as": []}), the keys bound to the names in "as" (numeric keys as numbers) and the
   record's own fields under "record." (filters apply to records, before exploding).
 - sort: fields to order rows by (default: file order); cols: [header, field, format] (format a str.format
   pattern, default "{}"; "{:%}"-style and "{:,}" work; a missing field renders as "—"; a list renders its
@@ -92,6 +93,10 @@ def explode(records: list[dict], spec: dict) -> list[dict]:
     names, out = list(spec["as"]), []
 
     def walk(node, bound, record):
+        if isinstance(node, list):  # a list of rows: each item is a row (or a dict to walk further)
+            for item in node:
+                walk(item, bound, record)
+            return
         if len(bound) == len(names):
             out.append({**(node if isinstance(node, dict) else {"value": node}), **bound, "record": record})
             return

@@ -77,3 +77,10 @@ def test_explode_nested_results_into_rows(tmp_path):
                                                 ["target", "record.target"]]}
     body = render.table(recipe, tmp_path).splitlines()
     assert body[2:] == ["| 8 | real | 0.75 | t |", "| 32 | blank | 0.25 | t |", "| 32 | real | 0.50 | t |"]
+
+
+def test_explode_a_list_of_rows(tmp_path):
+    rec = {"bench": "intern", "rows": [{"x": 0, "same": 0.0}, {"x": 1, "same": 0.5}]}
+    (tmp_path / "i.jsonl").write_text(json.dumps(rec) + "\n")
+    recipe = {"file": "i.jsonl", "explode": {"path": "rows", "as": []}, "cols": [["x", "x"], ["same", "same", "{:.2f}"]]}
+    assert render.table(recipe, tmp_path).splitlines()[2:] == ["| 0 | 0.00 |", "| 1 | 0.50 |"]
