@@ -55,7 +55,7 @@ def read_jsonl_by_key(path, key) -> dict:
 
 def parse_draft_args(ap, draft_specs, random_specs, known) -> dict:
     """`--draft NAME=DIR` (repeatable) and `--random-draft NAME[,NAME]` -> {name: Path or None (random)};
-    a usage error (ap.error) for a malformed spec, a name not in `known`, or a DIR without config.json."""
+    NAME is a method of `known` or METHOD:LABEL (another draft of that method, e.g. an ablation); a usage error (ap.error) for a malformed spec, a name not in `known`, or a DIR without config.json."""
     drafts = {}
     for spec in draft_specs:
         name, sep, path = spec.partition("=")
@@ -65,8 +65,9 @@ def parse_draft_args(ap, draft_specs, random_specs, known) -> dict:
     for spec in random_specs:
         drafts.update({name: None for name in spec.split(",") if name})
     for name, path in drafts.items():
-        if name not in known:
-            ap.error(f"method {name!r}: expected one of {known}")
+        if name.partition(":")[0] not in known or name.endswith(":"):
+            ap.error(f"method {name!r}: expected one of {known}, optionally labelled as NAME:LABEL "
+                     "(e.g. sparrow:mtp_only for an ablation draft)")
         if path is not None and not (path / "config.json").is_file():
             ap.error(f"--draft {name}={path}: no config.json there (a draft checkpoint directory is expected)")
     return drafts

@@ -73,7 +73,8 @@ def parse_args(argv=None):
                     help="a config.json for a random-initialised target instead of --target (pipeline checks, tests)")
     ap.add_argument("--tokenizer", default=None, help="directory with tokenizer.json for a --config target")
     ap.add_argument("--draft", action="append", default=[], metavar="NAME=DIR",
-                    help=f"a method and its draft directory; NAME in {sorted(METHOD_MODE)}; repeatable")
+                    help=f"a method and its draft directory; NAME in {sorted(METHOD_MODE)}, or NAME:LABEL for another "
+                         "draft of that method (e.g. sparrow:mtp_only); repeatable")
     ap.add_argument("--random-draft", action="append", default=[], metavar="NAME[,NAME]",
                     help="methods run with a random draft of their mode's view (lossless, rarely accepted)")
     ap.add_argument("--lengths", default=DEFAULT_LENGTHS, help="video durations in seconds, comma-separated")
@@ -366,9 +367,9 @@ def load(args, dtype):
 
     drafts = {}
     for name, path in args.methods.items():
-        mode = METHOD_MODE[name]
+        mode = METHOD_MODE[name.partition(":")[0]]  # "sparrow:mtp_only": an ablation draft of the method
         if path is None:  # seeded by the method's name, so a resumed run meets the same draft
-            view, seed = views.view_for_mode(mode), args.seed + 1 + sorted(METHOD_MODE).index(name)
+            view, seed = views.view_for_mode(mode), args.seed + 1 + sorted(METHOD_MODE).index(name.partition(":")[0])
             draft = SparrowDraft(DraftConfig.for_target(cfg, visual_view=view), rngs=nnx.Rngs(seed), dtype=dtype)
             dsrc, dkey = f"random draft, view {view} (seed {seed})", f"random-{view}-{seed}"
         else:

@@ -8,7 +8,8 @@
 #  1. tokenizer (byte-level BPE, Qwen special tokens)                     -> shipped/tiny-qwen2.5-vl/tokenizer*
 #  2. the target: the reading curriculum (scripts/train_reading_target.sh, configs/target_curriculum/*.json):
 #     LM + vision tower from scratch on detailed captions of static one-object scenes (sprites x2), then
-#     more steps on the same data; each stage probed real vs blank video      -> shipped/tiny-qwen2.5-vl
+#     more steps on the same data, then the same captions at 8/32/64 s so it keeps reading long videos;
+#     each stage probed real vs blank video (65 min on 2 cores)            -> shipped/tiny-qwen2.5-vl
 #     (+ world.json: the scene settings it was trained on, which the demo, the drafts and the benches use)
 #  3. drafts on the final target: Sparrow (text-only view, IVSB + MTP), MSD-style (full visual view) and
 #     plain EAGLE (text-only view, no IVSB, no MTP)                         -> shipped/drafts/{sparrow,msd,eagle}

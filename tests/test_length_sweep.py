@@ -58,7 +58,14 @@ def test_second_call_resumes_without_running(sweep, monkeypatch):
 
 def test_bad_arguments_are_usage_errors(capsys):
     for argv, words in ((["--draft", "nope=/x"], "nope"), (["--draft", "sparrow"], "NAME=DIR"),
-                        (["--trees", "8:1-2"], "--trees"), (["--scenes", "1,2", "--lengths", "8"], "--scenes")):
+                        (["--trees", "8:1-2"], "--trees"), (["--scenes", "1,2", "--lengths", "8"], "--scenes"),
+                        (["--random-draft", "nope:x"], "NAME:LABEL"), (["--random-draft", "sparrow:"], "NAME:LABEL")):
         with pytest.raises(SystemExit) as e:
             length_sweep.parse_args(argv)
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_labelled_method_is_a_draft_of_its_method():
+    """An ablation draft runs as NAME:LABEL, in NAME's decode mode, beside NAME itself."""
+    args = length_sweep.parse_args(["--random-draft", "sparrow,sparrow:mtp_only"])
+    assert set(args.methods) == {"sparrow", "sparrow:mtp_only"}
