@@ -18,8 +18,8 @@ A rendered table sits between two markers; the opening marker holds its recipe a
   "as": []}), the keys bound to the names in "as" (numeric keys as numbers) and the
   record's own fields under "record." (filters apply to records, before exploding).
 - sort: fields to order rows by (default: file order); cols: [header, field, format] (format a str.format
-  pattern, default "{}"; "{:%}"-style and "{:,}" work; a missing field renders as "—"; a list renders its
-  items formatted and space-separated).
+  pattern, default "{}"; "{:%}"-style and "{:,}" work; a missing field renders as "—", a bool as yes/no;
+  a list renders its items formatted and space-separated).
 
   python bench/render.py            # rewrite BENCHMARKS.md's rendered tables in place
   python bench/render.py --check    # exit 1 if any rendered table differs from its records (CI-safe)
@@ -58,6 +58,8 @@ def fmt(value, pattern: str) -> str:
         return "—"
     if isinstance(value, list):
         return " ".join(fmt(v, pattern) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return pattern.format(value)
 
 

@@ -16,14 +16,14 @@ import render  # noqa: E402
 RECIPE = {"file": "s.jsonl", "where": {"study": "sweep", "cfg.tree": ["6-2-2", "chain3"]}, "since": "2026-12-01",
           "key": ["length_s", "method"], "sort": ["length_s", "method"],
           "cols": [["length", "length_s", "{} s"], ["method", "method"], ["τ", "tau", "{:.2f}"],
-                   ["share", "share", "{:.1%}"], ["per depth", "acc", "{:.2f}"], ["tok", "tokens", "{:,}"]]}
+                   ["share", "share", "{:.1%}"], ["per depth", "acc", "{:.2f}"], ["tok", "tokens", "{:,}"], ["=", "same"]]}
 
 
 def _records():
     base = {"study": "sweep", "date": "2026-12-06 10:00 UTC", "cfg": {"tree": "6-2-2"}, "share": 0.25,
             "acc": [0.9, 0.5], "tokens": 12345}
     return [
-        {**base, "length_s": 32, "method": "sparrow", "tau": 2.0},
+        {**base, "length_s": 32, "method": "sparrow", "tau": 2.0, "same": True},
         {**base, "length_s": 8, "method": "sparrow", "tau": 9.0},           # replaced by the rerun below
         {**base, "length_s": 8, "method": "msd", "tau": 3.0, "tokens": None},
         {**base, "length_s": 8, "method": "sparrow", "tau": 2.5},           # the rerun wins
@@ -47,10 +47,10 @@ def test_table_is_what_the_records_give(tmp_path):
     text = doc.read_text()
     assert text.startswith("# B\nprose\n<!-- render ") and text.endswith("<!-- /render -->\nmore prose\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert rows == ["| length | method | τ | share | per depth | tok |",
-                    "| 8 s | msd | 3.00 | 25.0% | 0.90 0.50 | — |",
-                    "| 8 s | sparrow | 2.50 | 25.0% | 0.90 0.50 | 12,345 |",
-                    "| 32 s | sparrow | 2.00 | 25.0% | 0.90 0.50 | 12,345 |"]
+    assert rows == ["| length | method | τ | share | per depth | tok | = |",
+                    "| 8 s | msd | 3.00 | 25.0% | 0.90 0.50 | — | — |",
+                    "| 8 s | sparrow | 2.50 | 25.0% | 0.90 0.50 | 12,345 | — |",
+                    "| 32 s | sparrow | 2.00 | 25.0% | 0.90 0.50 | 12,345 | yes |"]
     assert render.main(["--doc", str(doc), "--results", str(tmp_path), "--check"]) == 0  # idempotent
 
 
