@@ -6,6 +6,9 @@ without an update. The figure the draft recipes report beside their training cur
   python bench/draft_heldout.py --config configs/train_tiny_draft_msd.json --draft shipped/drafts/msd
 
 --samples validation items (default 64; batches of the config's global batch), about 1 s each on 2 cores.
+--decode-view: the same items without IVSB's bridged visual slots, i.e. the sequence the draft sees when it
+decodes (VATA: text positions only). For a draft trained with IVSB the gap between the two views is what it
+learned to take from the bridge, which decoding does not give it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--config", required=True, help="the draft's training config (target, data, view, slots)")
     ap.add_argument("--draft", required=True, help="the trained draft directory (ours)")
     ap.add_argument("--samples", type=int, default=64, help="validation items")
+    ap.add_argument("--decode-view", action="store_true",
+                    help="evaluate without IVSB's visual slots (the sequence decoding gives the draft)")
     ap.add_argument("--jsonl", default=str(HERE / "results" / "draft_heldout.jsonl"))
     args = ap.parse_args(argv)
 
@@ -43,7 +48,7 @@ def main(argv=None):
     from sparrow_jax.training.features import records_for  # noqa: PLC0415
     from sparrow_jax.training.trainer import Trainer, TrainConfig, load_target  # noqa: PLC0415
 
-    cfg = TrainConfig.from_file_and_overrides(args.config, [])
+    cfg = TrainConfig.from_file_and_overrides(args.config, ["ivsb=false"] if args.decode_view else [])
     if cfg.data != "world":
         sys.exit(f"draft_heldout.py: {args.config}: data {cfg.data!r}; held-out scenes come from the world source")
     target = load_target(cfg)
@@ -64,6 +69,7 @@ def main(argv=None):
         n += 1
     metrics = {k: v / n for k, v in sums.items()}
     row = {"bench": "draft_heldout", "config": args.config, "draft": args.draft, "view": cfg.visual_view,
+           "sequence": "decode" if args.decode_view else "training", "ivsb_slots": cfg.ivsb,
            "samples": n * B, "seconds": round(time.perf_counter() - t0, 1), **{k: round(v, 4) for k, v in metrics.items()},
            **environment()}
     write_jsonl(args.jsonl, row)
