@@ -14,7 +14,7 @@ that length and one of its questions (captions and QA kinds, so prompt lengths v
 video length, prompt bucket, greedy-only or sampling — a batch whose rows are all greedy runs the greedy
 program, `sampling.as_sampling`). Warm-up = one call per key of the schedule; then every call of the schedule
 runs and each XLA compilation is counted (jax's compile event). RSS = resident set of the process
-(/proc/self/statm) every --rss-every calls after warm-up; growth = last / first - 1 (and max / min - 1).
+(/proc VmRSS, common.rss_gib) every --rss-every calls after warm-up; growth = last / first - 1 (and max / min - 1).
 Results: one JSON line in --jsonl (command, machine, date, versions), per-checkpoint RSS in it, a table.
 """
 
@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import environment, write_jsonl  # noqa: E402
+from common import environment, rss_gib, write_jsonl  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -75,8 +75,7 @@ def parse_args(argv=None):
 
 def rss_mib() -> float:
     """Resident set size of this process now (not the peak)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_gib() * 1024
 
 
 def draw_schedule(rng, n: int, items: dict, args) -> list[dict]:

@@ -120,6 +120,12 @@ def make_mesh(spec: MeshSpec, devices=None) -> Mesh:
     return shd.make_mesh(spec.shape, devices)
 
 
+def put(args, shardings):
+    """device_put each argument onto its in_sharding (a no-op for arrays already there): jit refuses
+    committed arrays placed otherwise."""
+    return tuple(a if a is None else jax.device_put(a, s) for a, s in zip(args, shardings))
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Shardings of a decode on `mesh` (hashable: it keys the sharded programs). `target_tree` /
@@ -129,6 +135,7 @@ class Placement:
     mesh: Mesh
     target_tree: jax.tree_util.PyTreeDef
     target_specs: tuple
+    put = staticmethod(put)  # for callers that cannot import this module (models.target)
 
     @classmethod
     def for_target(cls, tparams, mesh: Mesh) -> Placement:
@@ -174,12 +181,6 @@ class Placement:
 def place_model(model, shardings) -> None:
     """Move a model's parameters onto `shardings` (a tree prefix of its nnx.Param state), in place."""
     nnx.update(model, jax.device_put(nnx.state(model), shardings))
-
-
-def put(args, shardings):
-    """device_put each argument onto its in_sharding (a no-op for arrays already there): jit refuses
-    committed arrays placed otherwise."""
-    return tuple(a if a is None else jax.device_put(a, s) for a, s in zip(args, shardings))
 
 
 __all__ = ["MESH_KEYS", "MeshError", "MeshSpec", "Placement", "check_mesh", "make_mesh", "parse_mesh",

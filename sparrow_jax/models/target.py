@@ -252,7 +252,7 @@ def prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int
         return _prefill(graphdef, params, batch, key_visible_LBS=key_visible_LBS, **static)
     placement.check_rows(batch.input_ids_BT.shape[0])
     fn, ins = sharded_prefill(graphdef, placement, batch.draft_by_attention, batch.draft_visual_state, **static)
-    return fn(*(a if a is None else jax.device_put(a, s) for a, s in zip((params, batch, key_visible_LBS), ins)))
+    return fn(*placement.put((params, batch, key_visible_LBS), ins))
 
 
 @functools.lru_cache(maxsize=32)
