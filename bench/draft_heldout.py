@@ -48,7 +48,7 @@ def main(argv=None):
     from sparrow_jax.training.features import records_for  # noqa: PLC0415
     from sparrow_jax.training.trainer import Trainer, TrainConfig, load_target  # noqa: PLC0415
 
-    cfg = TrainConfig.from_file_and_overrides(args.config, ["ivsb=false"] if args.decode_view else [])
+    cfg = TrainConfig.from_file_and_overrides(args.config, ["ivsb=false", "ivsb_bridge_dropout=0"] if args.decode_view else [])
     if cfg.data != "world":
         sys.exit(f"draft_heldout.py: {args.config}: data {cfg.data!r}; held-out scenes come from the world source")
     target = load_target(cfg)

@@ -10,6 +10,11 @@ there is no slot before it), visual slots fixed: z_rec = h_vis ⊕ FC([RMSNorm(e
 the draft sees deeper in a tree.
 At every pass the output at text slot t is trained toward h_t (SmoothL1, weight v_w) and toward the
 target's next-token distribution softmax(lm_head(h_t)) (soft cross-entropy, weight p_w).
+
+Bridge dropout (`bridge_dropout` p, ivsb_mid layout only): each row, with probability p per step, sees no
+bridge — its visual slots are taken out of the draft's attention (as keys, for every pass) and its text
+slots packed in front, so the row trains exactly in the decode view (view none): IVSB's bridged visual
+states are otherwise a shortcut the draft cannot take at inference (VATA).
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ class LossConfig:
     p_w: float = 0.1  # soft cross-entropy weight (EAGLE)
     v_w: float = 1.0  # SmoothL1 on hidden states
     noise_std: float = 0.0  # uniform noise on h_{t-1}; EAGLE uses 0.2 * 512 / seq_len
+    bridge_dropout: float = 0.0  # probability that a row trains without IVSB's bridge (decode view)
+
+    def __post_init__(self):
+        if not 0.0 <= self.bridge_dropout <= 1.0:
+            raise ValueError(f"LossConfig.bridge_dropout: a probability in [0, 1], got {self.bridge_dropout}")
+        if self.bridge_dropout > 0 and not self.ivsb:
+            raise ValueError(f"LossConfig.bridge_dropout {self.bridge_dropout} drops IVSB's bridge: it needs ivsb=True")
 
     def pass_weights(self):
         return [self.mtp_decay**k for k in range(self.mtp_steps + 1)]
@@ -49,10 +61,40 @@ def slot_inputs(draft, e_BLD, hprev_BLD, batch: TrainBatch):
     return _gather(sources, batch.slot_src_BS)
 
 
+def drop_bridge(batch: TrainBatch, keep_B) -> TrainBatch:
+    """The ivsb_mid batch with the visual slots of every row where `keep_B` is False removed: its text
+    slots packed in order at the front (their positions are already the compacted text indices), slot
+    length = its text count, the visual slots moved past it, so the kv-length mask hides them as keys on
+    every attention path (xla, blockwise, pallas). Such a row is the decode view's (view none) up to
+    padding; rows with keep True are unchanged."""
+    S = batch.slot_src_BS.shape[1]
+    L = batch.text_slot_BL.shape[1]
+    real_BS = jnp.arange(S)[None] < batch.slot_len_B[:, None]
+    drop_BS = ~keep_B[:, None] & ~batch.slot_is_text_BS
+    # Stable sort: real (kept) slots first in their order, then dropped visual slots, then padding.
+    order_BS = jnp.argsort(jnp.where(real_BS, drop_BS.astype(jnp.int32), 2), axis=1, stable=True)
+    n_text_B = (batch.slot_is_text_BS & real_BS).sum(1).astype(batch.slot_len_B.dtype)
+    idx_L = jnp.arange(L, dtype=batch.text_slot_BL.dtype)[None]
+    packed_text_slot_BL = jnp.where(idx_L < n_text_B[:, None], idx_L, 0)
+
+    def take(x_BS):
+        return jnp.where(keep_B[:, None], x_BS, jnp.take_along_axis(x_BS, order_BS, axis=1))
+
+    return dataclasses.replace(
+        batch, slot_src_BS=take(batch.slot_src_BS), slot_is_text_BS=take(batch.slot_is_text_BS),
+        slot_pos_BS=take(batch.slot_pos_BS), slot_len_B=jnp.where(keep_B, batch.slot_len_B, n_text_B),
+        text_slot_BL=jnp.where(keep_B[:, None], batch.text_slot_BL, packed_text_slot_BL))
+
+
 def draft_passes(draft, embed_fn, batch: TrainBatch, cfg: LossConfig, noise_key=None, impl: AttentionImpl = XLA,
                  all_slots: bool = False):
     """Outputs at the text slots for every pass: list of [B, L, D] (`all_slots`: at every slot, [B, S, D]).
-    `impl`: the attention implementation (xla or pallas: both differentiable at any slot count)."""
+    `impl`: the attention implementation (xla or pallas: both differentiable at any slot count).
+    `noise_key` (training; None = no noise, no bridge dropout) also draws the rows that lose the bridge."""
+    if cfg.bridge_dropout > 0 and noise_key is not None:  # p = 0: the key and batch are untouched
+        noise_key, bridge_key = jax.random.split(noise_key)
+        keep_B = ~jax.random.bernoulli(bridge_key, cfg.bridge_dropout, batch.slot_len_B.shape)
+        batch = drop_bridge(batch, keep_B)
     e = embed_fn(batch.tok_BL)
     hprev = batch.hprev_BLD.astype(e.dtype)
     if cfg.noise_std > 0 and noise_key is not None:

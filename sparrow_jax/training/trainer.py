@@ -83,6 +83,10 @@ class TrainConfig:
     p_w: float = 0.1
     v_w: float = 1.0
     noise_std: float = 0.0
+    # IVSB bridge dropout: the probability that a training row sees no bridge (its visual slots out of the
+    # draft's attention, so it trains in the decode view), drawn per row per step from the step's key;
+    # against the draft reading the video from the bridged slots, a shortcut VATA decoding lacks
+    ivsb_bridge_dropout: float = 0.0
     # The draft's visual view (models/views.py), stored in its config.json; the engine decodes it only in
     # that view. Sparrow: none + ivsb + mtp; plain EAGLE: none, ivsb=false, mtp_steps=0; "IVSB + MTP w/o
     # VATA": ivsb_mid; MSD-style: msd (ivsb ignored); pruned-visual: pruned (keep fraction, uniform/attention).
@@ -114,6 +118,13 @@ class TrainConfig:
             raise ValueError(f"attention {self.attention!r}: expected one of {IMPL_KINDS}")
         views.check_prune(self.visual_keep_fraction, self.visual_prune_by, "TrainConfig")
         views.training_view(self.visual_view, self.ivsb)  # raises on an unknown or impossible combination
+        p = self.ivsb_bridge_dropout
+        if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+            raise ValueError(f"ivsb_bridge_dropout: a probability in [0, 1], got {p!r}")
+        if p > 0 and not (self.ivsb and self.visual_view == "none"):
+            raise ValueError(f"ivsb_bridge_dropout {p} drops IVSB's bridge so rows train in the decode view: it needs "
+                             f"ivsb=true and visual_view 'none' (got ivsb={self.ivsb}, visual_view "
+                             f"{self.visual_view!r})")
 
     @property
     def attention_impl(self) -> AttentionImpl:
@@ -135,7 +146,7 @@ class TrainConfig:
     @property
     def loss(self) -> LossConfig:
         return LossConfig(ivsb=self.ivsb, mtp_steps=self.mtp_steps, mtp_decay=self.mtp_decay, p_w=self.p_w,
-                          v_w=self.v_w, noise_std=self.noise_std)
+                          v_w=self.v_w, noise_std=self.noise_std, bridge_dropout=float(self.ivsb_bridge_dropout))
 
     @classmethod
     def from_file_and_overrides(cls, path: str | None, overrides: list[str]) -> "TrainConfig":
