@@ -24,12 +24,14 @@ bash scripts/train_reading_target.sh
 final=runs/target_curriculum/$(basename "$(ls configs/target_curriculum/[0-9][0-9]_*.json | tail -1)" .json)/
 cp "$final"hf/{config.json,model.safetensors,generation_config.json,world.json} shipped/tiny-qwen2.5-vl/
 cat runs/target_curriculum/[0-9][0-9]_*/metrics.jsonl > shipped/tiny-qwen2.5-vl/training_metrics.jsonl
-for d in sparrow msd eagle; do
-  python train.py --config "configs/train_tiny_draft_$d.json" --export "runs/draft_$d/export"
-  mkdir -p "shipped/drafts/$d" && cp "runs/draft_$d/export"/* "shipped/drafts/$d/"
-  cp "runs/draft_$d/metrics.jsonl" "shipped/drafts/$d/training_metrics.jsonl"
+# config name:shipped directory
+for pair in sparrow:sparrow msd:msd eagle:eagle pruned:pruned_visual; do
+  c=${pair%%:*} d=${pair#*:}
+  python train.py --config "configs/train_tiny_draft_$c.json" --export "runs/draft_$c/export"
+  mkdir -p "shipped/drafts/$d" && cp "runs/draft_$c/export"/* "shipped/drafts/$d/"
+  cp "runs/draft_$c/metrics.jsonl" "shipped/drafts/$d/training_metrics.jsonl"
 done
-for d in sparrow msd eagle; do
+for d in sparrow msd eagle pruned_visual; do
   python bench/tree_search.py --draft "shipped/drafts/$d" --lengths 8,32 --scenes 2 \
       --candidates 6-2-2,8-3-2,12-4-3,16-4-4,24-5-6,48-5-10,chain3,chain5
 done
