@@ -32,7 +32,7 @@ class GenerationResult:
     tokens_BM: jax.Array  # generated tokens, row b valid up to num_tokens_B[b] (EOS included)
     num_tokens_B: jax.Array
     cache: KVCache
-    steps: jax.Array  # target forward calls made (loop iterations)
+    steps: jax.Array  # tokens picked (loop iterations); the target made steps - 1 forward passes
 
 
 def _is_eos(tok_B, eos_ids):
@@ -65,14 +65,16 @@ def ar_generate(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ARState:
-    """What `ar_loop`'s while_loop carries from step to step."""
+    """What `ar_loop`'s while_loop carries from step to step: the tokens picked so far and the one
+    picked last, whose forward pass (and commit) the next iteration runs."""
 
     cache: KVCache
-    logits_BV: jax.Array  # the next token's logits
+    tok_B: jax.Array  # the token picked last, not yet in the cache
+    commit_B: jax.Array  # rows whose tok_B goes into the cache (those still generating when it was picked)
     tokens_BM: jax.Array  # generated tokens, row b valid up to n_B[b]
     n_B: jax.Array
     done_B: jax.Array
-    step: jax.Array  # loop iterations run
+    step: jax.Array  # tokens picked (loop iterations, the first pick included)
     key: jax.Array
 
 
@@ -80,38 +82,41 @@ class ARState:
 def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, sampling: SamplingArrays | None = None,
             emit_id=None, key_visible_LBS=None, *, max_new_tokens: int, eos_ids: tuple[int, ...] = (),
             impl: AttentionImpl = XLA) -> GenerationResult:
-    """The jitted loop behind `ar_generate` (sampling and the streaming hook id are traced)."""
+    """The jitted loop behind `ar_generate` (sampling and the streaming hook id are traced). Each
+    iteration runs the forward of the token picked last and picks the next; the first pick (from the
+    prefill's logits) precedes the loop, so the token that finishes the last row costs no forward and
+    the loop needs no conditional around the forward (a `lax.cond` returning the cache copies the whole
+    cache per step on XLA:CPU: a step cost that grows with the capacity, not the committed length)."""
     model = nnx.merge(graphdef, params)
     B = last_logits_BV.shape[0]
     one_node = jnp.ones((B, 1, 1), bool)
 
-    def cond(s: ARState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done_B)
-
-    def body(s: ARState) -> ARState:
+    def pick(s: ARState, logits_BV) -> ARState:
         key, sub = jax.random.split(s.key)
-        tok_B = select_tokens(sub, s.logits_BV, sampling)
+        tok_B = select_tokens(sub, logits_BV, sampling)
         active = ~s.done_B
         at_B = jnp.minimum(s.n_B, max_new_tokens - 1)
         out = s.tokens_BM.at[jnp.arange(B), at_B].set(jnp.where(active, tok_B, s.tokens_BM[jnp.arange(B), at_B]))
         n = s.n_B + active
         streaming.emit(emit_id, tok_B[:, None], active.astype(jnp.int32))
         done = s.done_B | (active & _is_eos(tok_B, eos_ids)) | (n >= max_new_tokens)
-
-        def forward(cache):
-            pos_B1 = (cache.lengths_B + rope_delta_B)[:, None]
-            v = tg.verify_fn(model, cache, tok_B[:, None], pos_B1, one_node, impl, key_visible_LBS)
-            cache = commit(cache, v.block_kv, jnp.zeros((B, 1), jnp.int32), active.astype(jnp.int32))
-            return cache, v.logits_BNV[:, 0]
-
-        # The token that finishes the last row needs no forward pass.
-        cache, logits = jax.lax.cond(jnp.all(done), lambda c: (c, s.logits_BV), forward, s.cache)
-        return dataclasses.replace(s, cache=cache, logits_BV=logits, tokens_BM=out, n_B=n, done_B=done,
+        return dataclasses.replace(s, tok_B=tok_B, commit_B=active, tokens_BM=out, n_B=n, done_B=done,
                                    step=s.step + 1, key=key)
 
-    init = ARState(cache=cache, logits_BV=last_logits_BV, tokens_BM=jnp.zeros((B, max_new_tokens), jnp.int32),
-                   n_B=jnp.zeros((B,), jnp.int32), done_B=jnp.zeros((B,), bool), step=jnp.int32(0), key=key)
-    s = jax.lax.while_loop(cond, body, init)
+    def cond(s: ARState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done_B)
+
+    def body(s: ARState) -> ARState:
+        pos_B1 = (s.cache.lengths_B + rope_delta_B)[:, None]
+        v = tg.verify_fn(model, s.cache, s.tok_B[:, None], pos_B1, one_node, impl, key_visible_LBS)
+        cache = commit(s.cache, v.block_kv, jnp.zeros((B, 1), jnp.int32), s.commit_B.astype(jnp.int32))
+        return pick(dataclasses.replace(s, cache=cache), v.logits_BNV[:, 0])
+
+    s = ARState(cache=cache, tok_B=jnp.zeros((B,), jnp.int32), commit_B=jnp.zeros((B,), bool),
+                tokens_BM=jnp.zeros((B, max_new_tokens), jnp.int32), n_B=jnp.zeros((B,), jnp.int32),
+                done_B=jnp.zeros((B,), bool), step=jnp.int32(0), key=key)
+    if max_new_tokens > 0:
+        s = jax.lax.while_loop(cond, body, pick(s, last_logits_BV))
     return GenerationResult(s.tokens_BM, s.n_B, s.cache, s.step)
 
 
