@@ -109,8 +109,15 @@ def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key,
     def body(s: ARState) -> ARState:
         pos_B1 = (s.cache.lengths_B + rope_delta_B)[:, None]
         v = tg.verify_fn(model, s.cache, s.tok_B[:, None], pos_B1, one_node, impl, key_visible_LBS)
-        cache = commit(s.cache, v.block_kv, jnp.zeros((B, 1), jnp.int32), s.commit_B.astype(jnp.int32))
-        return pick(dataclasses.replace(s, cache=cache), v.logits_BNV[:, 0])
+        nxt = pick(s, v.logits_BNV[:, 0])
+        # Commit the forwarded token. Its block index (always 0) is read from the token just picked, so
+        # the cache writes depend on this step's logits, i.e. come after every layer's read of the cache:
+        # XLA then updates the cache in place. With a constant index it copies each layer's K and V
+        # every step (2 copies per array: 24 whole-cache copies per step for 6 layers, in the optimised
+        # HLO; the speculative loop's index is the accepted path, which depends on the logits already).
+        idx_B1 = jnp.minimum(nxt.tok_B, 0)[:, None]
+        cache = commit(s.cache, v.block_kv, idx_B1, s.commit_B.astype(jnp.int32))
+        return dataclasses.replace(nxt, cache=cache)
 
     s = ARState(cache=cache, tok_B=jnp.zeros((B,), jnp.int32), commit_B=jnp.zeros((B,), bool),
                 tokens_BM=jnp.zeros((B, max_new_tokens), jnp.int32), n_B=jnp.zeros((B,), jnp.int32),
