@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sparrow_jax.models import views
+from sparrow_jax.models import registry, views
 from sparrow_jax.models.attention import IMPL_KINDS, AttentionImpl
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.target import default_m_star
@@ -180,8 +180,6 @@ class TrainConfig:
 
 def load_target(cfg: TrainConfig):
     """The frozen target: a HF checkpoint of any supported family, or a random one from a config."""
-    from sparrow_jax.models import registry  # noqa: PLC0415
-
     if cfg.target:
         return registry.load_target(cfg.target)
     path = cfg.target_config or str(Path(__file__).resolve().parents[2] / "configs" / "tiny.json")
