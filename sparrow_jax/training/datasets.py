@@ -23,10 +23,12 @@ a loader runs (video files must exist); videos are decoded only when a sample is
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, load_codec
 from sparrow_jax.io.vision_inputs import default_max_visual_tokens
 from sparrow_jax.models import registry
 from sparrow_jax.training.data import Sample
+from sparrow_jax.training.trainer import TrainConfig
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".MP4")  # tried in order for a bare video name
 VISUAL_PLACEHOLDERS = ("<image>", "<video>")  # LLaVA-style markers of where the video goes in a human turn
@@ -602,8 +605,6 @@ def write_eval_dir(records: list[EvalRecord], out_dir, *, batch: int = 1, decode
     """out_dir/manifest.jsonl (the records) and out_dir/run.sh: decode.py over the records, `batch` rows
     per call, appending to out_dir/decode.jsonl; arguments to run.sh go to every decode.py call (target,
     draft, mode, ...). A call whose rows are already in decode.jsonl is skipped (resume)."""
-    import shlex  # noqa: PLC0415
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "w") as f:
@@ -623,8 +624,6 @@ def write_eval_dir(records: list[EvalRecord], out_dir, *, batch: int = 1, decode
 
 
 def main(argv=None):
-    import argparse  # noqa: PLC0415
-
     ap = argparse.ArgumentParser(prog="python -m sparrow_jax.training.datasets",
                                  description="Check training annotations; benchmark manifests for decode.py and their "
                                  "scores (docs/full_scale.md).")
@@ -648,8 +647,6 @@ def main(argv=None):
     try:
         if args.cmd == "check":
             if args.config:
-                from sparrow_jax.training.trainer import TrainConfig  # noqa: PLC0415
-
                 opts = TrainConfig.from_file_and_overrides(args.config, []).data_options
                 files, roots = opts.get("annotation"), opts.get("video_root")
             else:

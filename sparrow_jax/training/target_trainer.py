@@ -33,6 +33,7 @@ from flax import nnx
 from sparrow_jax.models import registry
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import XLA, AttentionImpl
+from sparrow_jax.synthetic.sources import sample_source
 from sparrow_jax.training import sharding as shd
 from sparrow_jax.training.data import index_pipeline, sample_sequence
 from sparrow_jax.training.trainer import Trainer, TrainConfig, accumulate_and_update, load_target, make_optimizer
@@ -230,8 +231,6 @@ class TargetTrainer(Trainer):
         self.rng = self._initial_rng()
         self.step = 0
         if samples is None:
-            from sparrow_jax.synthetic.sources import sample_source  # noqa: PLC0415
-
             samples = sample_source(cfg.data)(model.cfg, cfg.num_samples, seed=cfg.data_seed, **cfg.data_options)
         self.samples = samples
         self.data_iter = BucketedIndices(buckets_of(samples), cfg.global_batch, cfg.data_seed)
