@@ -39,14 +39,18 @@ DecodeConfig, which runs the engine and is written into every --jsonl line ("con
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 
+from sparrow_jax.models.config_io import ConfigError  # noqa: E402 — light (json only)
 from sparrow_jax.models.views import MODE_VIEW  # noqa: E402 — light (numpy only): mode names for --help
 
 
@@ -277,8 +281,6 @@ class StreamPrinter:
         self.codec, self.rows = codec, rows
 
     def __call__(self, tokens, counts):
-        import numpy as np  # noqa: PLC0415
-
         tokens, counts = np.asarray(tokens), np.asarray(counts)
         for b in range(tokens.shape[0]):
             if counts[b] > 0:
@@ -298,17 +300,13 @@ def main(argv=None):
     sample, notes = demo.resolve_defaults(args)  # shipped target/draft; no inputs: the world sample video
     for note in notes:
         print(f"[decode] {note}", flush=True)
-    import dataclasses  # noqa: PLC0415
-
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
 
     from sparrow_jax import api  # noqa: PLC0415
     from sparrow_jax.decoding.metrics import DEFINITIONS, speed_summary  # noqa: PLC0415
     from sparrow_jax.io.hf_checkpoint import CheckpointError  # noqa: PLC0415
     from sparrow_jax.io.vision_inputs import VisionInputError  # noqa: PLC0415
     from sparrow_jax.models.draft import DraftConfigError  # noqa: PLC0415
-    from sparrow_jax.models.qwen2_5_vl import ConfigError  # noqa: PLC0415
 
     visual_mode = "text_only" if args.mode == "sparrow" else args.mode if args.mode in MODE_VIEW else None
     try:

@@ -46,7 +46,6 @@ from common import environment, peak_rss_gib, write_jsonl  # noqa: E402
 from sparrow_jax.decoding import engine as E  # noqa: E402
 from sparrow_jax.decoding.autoregressive import ar_loop, cache_capacity  # noqa: E402
 from sparrow_jax.decoding.tree import TreeSpec  # noqa: E402
-from sparrow_jax.models import llava_onevision as lo  # noqa: E402
 from sparrow_jax.models import registry, views  # noqa: E402
 from sparrow_jax.models import target as tg  # noqa: E402
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft  # noqa: E402
@@ -74,21 +73,7 @@ def read_config(path, layers: int | None):
 def video_prompt(cfg, frames: int, frame_side: int, text_tokens: int):
     """One chat-shaped prompt with one video of `frames` frames (zero pixels: only shapes matter):
     Qwen2.5-VL frames of frame_side² px, LLaVA-OneVision frames at its SigLIP tile size."""
-    if cfg.family == "llava_onevision":
-        v = cfg.vision
-        pixels = np.zeros((frames, v.num_channels, v.image_size, v.image_size), np.float32)
-        visual = types.SimpleNamespace(kind="video", pixel_values=pixels)
-        n_vis = lo.num_visual_tokens("video", cfg, num_frames=frames)
-        video_ids = [cfg.video_token_id] * n_vis
-    else:
-        v = cfg.vision
-        side = frame_side // (v.patch_size * v.spatial_merge_size) * v.spatial_merge_size  # patches per side
-        grid = (max(1, frames // v.temporal_patch_size), side, side)
-        pixels = np.zeros((grid[0] * side * side, v.patch_dim), np.float32)
-        visual = types.SimpleNamespace(kind="video", pixel_values=pixels, grid_thw=grid,
-                                       second_per_grid_t=v.temporal_patch_size / 2.0)  # 2 fps
-        n_vis = grid[0] * (side // v.spatial_merge_size) ** 2
-        video_ids = [cfg.vision_start_token_id] + [cfg.video_token_id] * n_vis + [cfg.vision_end_token_id]
+    visual, video_ids = registry.family_of(cfg).blank_video(cfg, frames, frame_side)
     text = np.random.default_rng(0).integers(0, min(1000, cfg.text.vocab_size // 2), text_tokens).tolist()
     half = text_tokens // 2
     ids = text[:half] + video_ids + text[half:]

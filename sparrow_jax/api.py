@@ -38,15 +38,13 @@ from sparrow_jax.decoding.autoregressive import ar_generate, cache_capacity
 from sparrow_jax.decoding.metrics import acceptance_summary
 from sparrow_jax.decoding.sampling import SamplingParams
 from sparrow_jax.decoding.tree import TreeSpec
-from sparrow_jax.io import llava_inputs
 from sparrow_jax.io import vision_inputs as vi
 from sparrow_jax.io.draft_checkpoint import import_official
-from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX, load_codec
+from sparrow_jax.io.text import load_codec
 from sparrow_jax.models import registry, views
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import IMPL_KINDS
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
-from sparrow_jax.models.qwen2_5_vl import rope_index
 
 __all__ = ["DecodeConfig", "GenerationOutput", "Processor", "SamplingParams", "SpecDecoder", "VisionOptions"]
 
@@ -148,7 +146,6 @@ class DecodeConfig:
 # Settings that must be positive when given (None = not given).
 POSITIVE = ("max_new_tokens", "fps", "max_frames", "num_frames", "max_pixels", "min_pixels", "max_visual_tokens",
             "m_star")
-QWEN_ONLY = ("fps", "max_frames", "min_pixels", "max_pixels")
 
 
 def check_settings(values: Mapping, name: Callable[[str], str] = str) -> TreeSpec | None:
@@ -211,11 +208,10 @@ def check_for_target(values: Mapping, cfg, name: Callable[[str], str] = str) -> 
     if values.get("mode") != "ar" and tree is not None and tree.top_k > V:
         raise DecodeConfigError(f"{name('tree')} {values['tree']}: top-k {tree.top_k} exceeds the target's "
                                 f"vocabulary of {V} tokens")
-    if cfg.family == "llava_onevision":
-        for key in QWEN_ONLY:
-            if values.get(key) is not None:
-                raise DecodeConfigError(f"{name(key)} applies to Qwen2.5-VL targets; a LLaVA-OneVision target "
-                                        f"samples {name('num_frames')} frames per video at its own tile size")
+    for key in registry.foreign_video_options(cfg):  # those without a default only (num_frames has one)
+        if getattr(VisionOptions(), key, None) is None and values.get(key) is not None:
+            raise DecodeConfigError(f"{name(key)} applies to {registry.video_option_owners(key)} targets; "
+                                    f"{registry.frames_note(cfg, name)}")
 
 
 def resolve_tree(text: str, draft_dir, prompts) -> tuple[TreeSpec, str | None]:
@@ -279,27 +275,9 @@ class Processor:
             self._codec = load_codec(self.tokenizer_dir, self.cfg.text.vocab_size)
         return self._codec
 
-    def _json(self, name: str) -> Path | None:
-        p = None if self.model_dir is None else self.model_dir / name
-        return p if p is not None and p.is_file() else None
-
     def budget(self, opts: VisionOptions) -> int:
         """Visual tokens one video or image may take."""
         return opts.max_visual_tokens or vi.default_max_visual_tokens(self.cfg.text.max_position_embeddings)
-
-    def qwen_preprocessing(self, opts: VisionOptions):
-        """(video, image) VisionPreprocessConfig: the target's vision config, its preprocessor JSON files
-        (a video falls back to the image file, as transformers does), then `opts` and the budget."""
-        image_json = self._json("preprocessor_config.json")
-        video_json = self._json("video_preprocessor_config.json") or image_json
-        pixels = {k: v for k, v in (("min_pixels", opts.min_pixels), ("max_pixels", opts.max_pixels)) if v is not None}
-        frames = {k: v for k, v in (("fps", opts.fps), ("max_frames", opts.max_frames)) if v is not None}
-        budget = self.budget(opts)
-        vcfg = vi.VisionPreprocessConfig.for_model(self.cfg.vision, video=True, preprocessor_json=video_json,
-                                                   max_visual_tokens=budget, **pixels, **frames)
-        icfg = vi.VisionPreprocessConfig.for_model(self.cfg.vision, video=False, preprocessor_json=image_json,
-                                                   max_visual_tokens=budget, **pixels)
-        return vcfg, icfg
 
     def __call__(self, prompts: str | Sequence[str], videos=None, images=None,
                  vision: VisionOptions = VisionOptions()) -> list:
@@ -316,40 +294,19 @@ class Processor:
         for i, (v, im) in enumerate(zip(videos, images)):
             if v is not None and im is not None:
                 raise ValueError(f"row {i}: both a video and an image; one visual per prompt")
-        if self.cfg.family == "llava_onevision":
-            return self._llava(texts, videos, images, vision)
-        vcfg, icfg = self.qwen_preprocessing(vision)
-        ids = vi.VisionTokenIds(self.cfg.vision_start_token_id, self.cfg.vision_end_token_id, self.cfg.image_token_id,
-                                self.cfg.video_token_id)
-        visuals = [vi.preprocess_video(v, vcfg) if v is not None else
-                   vi.preprocess_image(im, icfg) if im is not None else None for v, im in zip(videos, images)]
-        return [vi.build_multimodal_prompt(
-            [self.codec.encode(QWEN_USER_PREFIX), *([vis] if vis is not None else []),
-             self.codec.encode(text + QWEN_ASSISTANT_PREFIX)], ids) for text, vis in zip(texts, visuals)]
-
-    def _llava(self, texts, videos, images, vision: VisionOptions) -> list:
-        """LLaVA-OneVision rows: chat prefix, one visual (anyres image or uniformly sampled video), question."""
-        pjson = self._json("preprocessor_config.json")
-        pcfg = llava_inputs.LlavaPreprocessConfig.from_hf_preprocessor_json(pjson) if pjson else None
-        budget = self.budget(vision)
-        visuals = [llava_inputs.preprocess_video(v, self.cfg, pcfg, num_frames=vision.num_frames,
-                                                 max_visual_tokens=budget) if v is not None else
-                   llava_inputs.preprocess_image(im, self.cfg, pcfg) if im is not None else None
+        fam = registry.family_of(self.cfg)
+        options = {k: getattr(vision, k) for k in fam.video_options}
+        read = fam.visual_readers(self.cfg, self.model_dir, budget=self.budget(vision), options=options)
+        visuals = [read.video(v) if v is not None else read.image(im) if im is not None else None
                    for v, im in zip(videos, images)]
-        return [llava_inputs.build_prompt(
-            [self.codec.encode(QWEN_USER_PREFIX), *([vis] if vis is not None else []),
-             self.codec.encode("\n" + text + QWEN_ASSISTANT_PREFIX)], self.cfg) for text, vis in zip(texts, visuals)]
+        return [fam.chat_prompt(self.cfg, self.codec, vis, text) for text, vis in zip(texts, visuals)]
 
     def check_context(self, prompts, max_new_tokens: int) -> None:
         """Refuse prompts that run past the target's context, before any weights are read (the rule of
         target.check_context, on the prompts' lengths and M-RoPE deltas)."""
         cfg = self.cfg
         lengths = [len(p.input_ids) for p in prompts]
-        if cfg.family == "qwen2_5_vl":
-            deltas = [rope_index(p.input_ids, p.mm_token_type_ids, [v.grid_thw for v in p.visuals],
-                                 [v.second_per_grid_t for v in p.visuals], cfg)[1] for p in prompts]
-        else:
-            deltas = [0] * len(prompts)
+        deltas = [registry.family_of(cfg).rope_delta(p, cfg) for p in prompts]
         tg.check_context(types.SimpleNamespace(lengths_B=lengths, rope_delta_B=deltas), cfg.text, max_new_tokens)
 
 

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from sparrow_jax.decoding import streaming
 from sparrow_jax.decoding.placement import Placement, put
 from sparrow_jax.decoding.sampling import SamplingArrays, SamplingParams, as_sampling, select_tokens
+from sparrow_jax.models import registry
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
@@ -155,10 +156,8 @@ def cache_capacity(prompt_len: int, max_new_tokens: int, slack: int = 1) -> int:
 def generate(model, prompts, *, max_new_tokens: int, sampling: SamplingParams | None = None, seed: int = 0,
              eos_ids=None, m_star: int | None = None, impl: AttentionImpl = XLA, prepare=None):
     """Convenience host wrapper: prompts -> list of generated token lists (EOS included)."""
-    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
-
     cfg = model.cfg
-    batch = (prepare or prepare_batch_for(cfg))(prompts, cfg)
+    batch = (prepare or registry.prepare_batch_for(cfg))(prompts, cfg)
     tg.check_context(batch, cfg.text, max_new_tokens)
     graphdef, params = nnx.split(model)
     T = batch.input_ids_BT.shape[1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from functools import partial
 
 import jax
@@ -36,6 +37,7 @@ from sparrow_jax.decoding import streaming
 from sparrow_jax.decoding.sampling import SamplingArrays, as_sampling, select_tokens
 from sparrow_jax.decoding.tree import Tree, TreeSpec, select_tree
 from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models import registry
 from sparrow_jax.models import target as tg
 from sparrow_jax.models import views
 from sparrow_jax.models.attention import XLA, AttentionImpl
@@ -436,12 +438,10 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
     views.check_prune(keep_fraction, prune_by)
     if cfg.tree.top_k > target_model.cfg.text.vocab_size:
         raise ValueError(f"tree {cfg.tree}: top_k {cfg.tree.top_k} exceeds the vocabulary ({target_model.cfg.text.vocab_size})")
-    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
-
     tcfg = target_model.cfg
     if m_star is None:
         m_star = dcfg.m_star if dcfg.m_star is not None else tg.default_m_star(tcfg.num_layers)
-    batch = (prepare_batch or prepare_batch_for(tcfg))(prompts, tcfg)
+    batch = (prepare_batch or registry.prepare_batch_for(tcfg))(prompts, tcfg)
     T = batch.input_ids_BT.shape[1]
     tg.check_context(batch, tcfg.text, cfg.max_new_tokens)
     lay = draft_layout(prompts, view, keep_fraction=keep_fraction, prune_by=prune_by)
@@ -483,8 +483,6 @@ def profile_phases(target_model, draft_model, prepared: Prepared, cfg: EngineCon
                    sampling=None) -> dict:
     """Median wall time (s) of one round's draft phase and verify phase, each jitted alone on the state
     right after prefill — the per-round split the fused loop cannot report."""
-    import time  # noqa: PLC0415
-
     tgraph, tparams = nnx.split(target_model)
     dgraph, dparams = nnx.split(draft_model)
     B = prepared.pre.last_logits_BV.shape[0]

@@ -34,8 +34,8 @@ import PIL.Image
 from sparrow_jax.io.vision_inputs import (
     VisionInputError, _array_to_rgb, _as_rgb_frames, _check_regular_file, _decode_selected, _load_image_file,
     _pil_to_rgb, _probe_video)
-from sparrow_jax.models.llava_onevision import (
-    LlavaOneVisionConfig, num_tiles, num_visual_tokens, select_best_resolution)
+from sparrow_jax.models.llava_onevision.batching import num_tiles, num_visual_tokens, select_best_resolution
+from sparrow_jax.models.llava_onevision.config import LlavaOneVisionConfig
 
 # SigLIP normalisation, as in the released llava-onevision preprocessor_config.json files.
 SIGLIP_MEAN = (0.5, 0.5, 0.5)

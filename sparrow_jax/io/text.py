@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 QWEN_USER_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 QWEN_ASSISTANT_PREFIX = "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -25,8 +27,6 @@ class ByteCodec:
 
 class HFTokenizerCodec:
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer  # noqa: PLC0415
-
         self.tok = Tokenizer.from_file(str(path))
         self.name = f"tokenizers ({path})"
 

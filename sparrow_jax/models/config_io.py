@@ -1,9 +1,15 @@
-"""Reading config.json files, with errors that name the file (one place for every model family)."""
+"""Reading config.json files, with errors that name the file (one place for every model family), and
+`ConfigError`, the error of every target family's config (a leaf module: families, the registry and
+the checkpoint code all import it without importing each other)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a model we support."""
 
 
 def read_config_json(path, error_cls: type[Exception], expected: str = "a HF checkpoint directory"):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from sparrow_jax.models import views
 from sparrow_jax.models.attention import XLA, AttentionImpl
+from sparrow_jax.models.config_io import read_config_json
 from sparrow_jax.models.layers import DecoderLayer, RMSNorm, linear, rope_cos_sin_1d
 
 
@@ -104,8 +105,6 @@ class DraftConfig:
 
     @classmethod
     def from_dir(cls, path) -> "DraftConfig":
-        from sparrow_jax.models.config_io import read_config_json  # noqa: PLC0415
-
         d, source = read_config_json(path, DraftConfigError, "a draft checkpoint directory")
         return cls.from_dict(d, source=source)
 

@@ -165,6 +165,11 @@ class SelfAttention(nnx.Module):
                              dtype=dtype)
         self.o_proj = linear(num_heads * head_dim, dim, ("heads", "embed"), bias=out_bias, rngs=rngs, dtype=dtype)
 
+    def queries(self, x_BTD, cos_BTE, sin_BTE):
+        """Roped queries [B, T, H, E] of (normed) input x: what this layer's attention scores with."""
+        B, T, _ = x_BTD.shape
+        return apply_rope(self.q_proj(x_BTD).reshape(B, T, self.num_heads, self.head_dim), cos_BTE, sin_BTE)
+
     def __call__(self, x_BTD, cos_BTE, sin_BTE, mask: attn_lib.MaskSpec, cache_kv=None,
                  impl: AttentionImpl = XLA, block_prefix=None):
         B, T, _ = x_BTD.shape
@@ -199,6 +204,11 @@ class DecoderLayer(nnx.Module):
                                        out_bias=False, rngs=rngs, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(dim, eps, dtype=dtype)
         self.mlp = GatedMLP(dim, mlp_dim, act, bias=False, rngs=rngs, dtype=dtype)
+
+    def queries(self, x_BTD, cos_BTE, sin_BTE):
+        """Roped attention queries [B, T, H, E] of the layer's input hidden x."""
+        h = self.input_layernorm(x_BTD) if self.input_layernorm is not None else x_BTD
+        return self.self_attn.queries(h, cos_BTE, sin_BTE)
 
     def __call__(self, x_BTD, cos_BTE, sin_BTE, mask, cache_kv=None, impl: AttentionImpl = XLA, block_prefix=None):
         h = self.input_layernorm(x_BTD) if self.input_layernorm is not None else x_BTD

@@ -1,22 +1,34 @@
-"""Target families by `model_type`: config parsing, checkpoint loading, random construction and the
-host-side batch builder. The engine, AR generation and the CLIs go through here, so they work for
-every family without naming one."""
+"""Target families by `model_type`: one table (`FAMILIES`) of `family.TargetFamily` contracts, and the
+lookups the engine, AR generation, the trainers and the CLIs call (config parsing, checkpoint loading and
+saving, random construction, the host-side batch builder), so they work for every family without
+naming one. A new family is a package under `sparrow_jax/models/` and one line in `FAMILIES`."""
 
 from __future__ import annotations
-
 
 import jax.numpy as jnp
 from flax import nnx
 
-from sparrow_jax.models.qwen2_5_vl import ConfigError
+from sparrow_jax.models import llava_onevision, qwen2_5_vl
+from sparrow_jax.models.config_io import ConfigError, read_config_json
+from sparrow_jax.models.family import TargetFamily
+from sparrow_jax.models.layers import ACTIVATIONS
 
-FAMILIES = ("qwen2_5_vl", "llava_onevision")
+FAMILIES: dict[str, TargetFamily] = {f.model_type: f for f in (
+    qwen2_5_vl.FAMILY,
+    llava_onevision.FAMILY,
+)}
 
 
-def _family(model_type, source: str) -> str:
+def family(model_type, source: str) -> TargetFamily:
+    """The family of a config.json's `model_type`; an unknown one is a ConfigError naming `source`."""
     if model_type not in FAMILIES:
         raise ConfigError(f"{source}: model_type {model_type!r} is not a supported target family {list(FAMILIES)}")
-    return model_type
+    return FAMILIES[model_type]
+
+
+def family_of(cfg) -> TargetFamily:
+    """The family of a parsed target config (its `family` field)."""
+    return family(getattr(cfg, "family", None), type(cfg).__name__)
 
 
 # config.json keys naming an activation function, per family (checked against layers.ACTIVATIONS).
@@ -36,8 +48,6 @@ REAL_KEYS = frozenset({"rms_norm_eps", "layer_norm_eps", "rope_theta", "tokens_p
 
 def _check_keys(d: dict, source: str) -> None:
     """Values the families' builders would refuse late (while building a model), named by file and key."""
-    from sparrow_jax.models.layers import ACTIVATIONS  # noqa: PLC0415
-
     for prefix, node in (("", d), ("text_config.", d.get("text_config")), ("vision_config.", d.get("vision_config"))):
         for k, v in (node.items() if isinstance(node, dict) else ()):
             bad_int = k in INT_KEYS and v is not None and (isinstance(v, bool) or not isinstance(v, int))
@@ -57,12 +67,8 @@ def _check_keys(d: dict, source: str) -> None:
 def config_from_dict(d: dict, source: str = "config.json"):
     """A HF config.json dict -> the family's frozen config (dispatch on `model_type`). Every error names
     `source` (the file) and, where one is at fault, the key."""
-    family = _family(d.get("model_type"), source)
+    cls = family(d.get("model_type"), source).config_cls
     _check_keys(d, source)
-    if family == "llava_onevision":
-        from sparrow_jax.models.llava_onevision import LlavaOneVisionConfig as cls  # noqa: PLC0415
-    else:
-        from sparrow_jax.models.qwen2_5_vl import Qwen25VLConfig as cls  # noqa: PLC0415
     try:
         return cls.from_hf_dict(d, source=source)
     except ConfigError as e:
@@ -75,8 +81,6 @@ def config_from_dict(d: dict, source: str = "config.json"):
 
 def read_config_dict(path) -> tuple[dict, str]:
     """config.json of a checkpoint directory (or a config file path) -> (dict, source name)."""
-    from sparrow_jax.models.config_io import read_config_json  # noqa: PLC0415
-
     return read_config_json(path, ConfigError, "a HF checkpoint directory or a config.json")
 
 
@@ -84,31 +88,41 @@ def load_target(path, dtype=jnp.float32):
     """Load a HF checkpoint directory with the loader of its config's `model_type`."""
     d, source = read_config_dict(path)
     config_from_dict(d, source)  # its errors name the file and key, before any weights are read
-    if _family(d.get("model_type"), source) == "llava_onevision":
-        from sparrow_jax.io.hf_checkpoint import load_llava_onevision  # noqa: PLC0415
+    return family(d.get("model_type"), source).load(path, dtype=dtype)
 
-        return load_llava_onevision(path, dtype=dtype)
-    from sparrow_jax.io.hf_checkpoint import load_qwen2_5_vl  # noqa: PLC0415
 
-    return load_qwen2_5_vl(path, dtype=dtype)
+def save_target(model, path) -> None:
+    """Write a target as a HF checkpoint directory (config.json + safetensors) with its family's saver."""
+    family_of(model.cfg).save(model, path)
 
 
 def build_target(cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
     """A randomly initialised target of `cfg`'s family."""
-    if cfg.family == "llava_onevision":
-        from sparrow_jax.models.llava_onevision import LlavaOneVision  # noqa: PLC0415
-
-        return LlavaOneVision(cfg, rngs=rngs, dtype=dtype)
-    from sparrow_jax.models.qwen2_5_vl import Qwen25VL  # noqa: PLC0415
-
-    return Qwen25VL(cfg, rngs=rngs, dtype=dtype)
+    return family_of(cfg).module_cls(cfg, rngs=rngs, dtype=dtype)
 
 
 def prepare_batch_for(cfg):
     """The family's host batch builder `(prompts, cfg, **kw) -> target.PrefillBatch`."""
-    family = _family(getattr(cfg, "family", None), type(cfg).__name__)
-    if family == "llava_onevision":
-        from sparrow_jax.models.llava_onevision import prepare_prefill_batch  # noqa: PLC0415
-    else:
-        from sparrow_jax.models.qwen2_5_vl import prepare_prefill_batch  # noqa: PLC0415
-    return prepare_prefill_batch
+    return family_of(cfg).prepare_prefill_batch
+
+
+# ------------------------------------------------------------------------- the input side's options
+
+VIDEO_OPTIONS = tuple(dict.fromkeys(k for f in FAMILIES.values() for k in f.video_options))
+
+
+def foreign_video_options(cfg) -> tuple[str, ...]:
+    """The video options other families read and `cfg`'s family does not."""
+    return tuple(k for k in VIDEO_OPTIONS if k not in family_of(cfg).video_options)
+
+
+def video_option_owners(key: str) -> str:
+    """The families a video option applies to, for messages ("Qwen2.5-VL")."""
+    return " / ".join(f.name for f in FAMILIES.values() if key in f.video_options)
+
+
+def frames_note(cfg, name=str) -> str:
+    """How `cfg`'s family samples frames, its options spelled by `name` ("a LLaVA-OneVision target samples
+    num_frames frames per video at its own tile size")."""
+    fam = family_of(cfg)
+    return f"a {fam.name} target " + fam.frames_note.format_map({k: name(k) for k in VIDEO_OPTIONS})

@@ -1,8 +1,9 @@
 """The target speculation API, family-agnostic: `prefill`, `verify`, `commit`.
 
-Pure functions of (graphdef, params, explicit pytrees), jitted with static shapes. A family model
-(Qwen25VL, later LLaVA-OneVision) provides `embed`, `encode_visuals`, `rope`, `model` (the decoder
-stack returning final-norm hidden, new K/V, captured hidden states) and `logits`.
+Pure functions of (graphdef, params, explicit pytrees), jitted with static shapes. A family's module
+is reached only through its hooks (`family.TargetModel`): `embed`, `rope`, `decoder` (the decoder stack
+returning final-norm hidden, new K/V, captured hidden states), `layer_queries`, `logits`, and the
+visual encoders `encode_visuals` / `visual_chunks` / `encode_chunk` / `combine_chunks`.
 
 Batch/padding scheme: B rows, right-padded to a bucketed length T (`SEQ_BUCKET`); `lengths_B` holds
 each row's true prompt length. Positions are always 3 streams [3, B, T] (M-RoPE t/h/w; 1-D models use
@@ -21,6 +22,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -58,7 +60,7 @@ class PrefillBatch:
     vis_idx_BM: jax.Array  # positions of visual tokens
     vis_len_B: jax.Array
     pixels_PC: jax.Array | None = None  # all visuals' flattened patches, concatenated (host or device)
-    vision_layout: object | None = None  # family-specific pytree (e.g. qwen2_5_vl.VisionLayout)
+    vision_layout: object | None = None  # family-specific pytree (e.g. qwen2_5_vl.batching.VisionLayout)
     visual_dest: jax.Array | None = None  # [num visual tokens] flat index b*T + t
     visual_feats_MD: jax.Array | None = None  # the visuals' encodings, when already computed (then no pixels)
     draft_idx_BP: jax.Array | None = None  # positions of the draft's items (its visual view), right-padded
@@ -103,8 +105,6 @@ class ContextLengthError(ValueError):
 
 def check_context(batch: PrefillBatch, text_cfg, max_new_tokens: int) -> None:
     """Host: refuse rows whose last decode position would pass `max_position_embeddings`."""
-    import numpy as np  # noqa: PLC0415
-
     lengths = np.asarray(batch.lengths_B)
     last = lengths - 1 + np.asarray(batch.rope_delta_B) + max_new_tokens
     limit = text_cfg.max_position_embeddings
@@ -134,7 +134,7 @@ def forward(model, batch: PrefillBatch, *, impl: AttentionImpl = XLA, capture=()
     x_BTD = _input_embeddings(model, batch, impl, visual_feats)
     cos, sin = model.rope(batch.positions_3BT)
     mask = attn_lib.MaskSpec(kv_len_B=batch.lengths_B, causal=True)
-    return model.model(x_BTD, cos, sin, mask, impl=impl, capture=capture, key_visible_LBS=key_visible_LBS)
+    return model.decoder(x_BTD, cos, sin, mask, impl=impl, capture=capture, key_visible_LBS=key_visible_LBS)
 
 
 def _gather_rows(x_BTD, idx_BL):
@@ -172,21 +172,14 @@ def visual_key_visibility(batch: PrefillBatch, from_layer, num_layers: int, size
 def last_token_attention(model, batch: PrefillBatch, x_in_BTD, k_BTKE, layer: int):
     """Attention of each row's last prompt token over the prompt at decoder layer `layer` (input
     hidden x_in, roped keys k), averaged over heads: [B, T], zero past each row's length."""
-    blk = model.model.layers[layer]
     B, T, _ = x_in_BTD.shape
     last = (batch.lengths_B - 1)[:, None]
-    x = _gather_rows(x_in_BTD, last)
-    h = blk.input_layernorm(x) if blk.input_layernorm is not None else x
-    att = blk.self_attn
-    q = att.q_proj(h).reshape(B, 1, att.num_heads, att.head_dim)
     pos = jnp.take_along_axis(batch.positions_3BT, last[None], axis=2)
     cos, sin = model.rope(pos)
-    from sparrow_jax.models.layers import apply_rope  # noqa: PLC0415
-
-    q = apply_rope(q, cos, sin)[:, 0]  # [B, H, E]
-    K = k_BTKE.shape[2]
-    s = jnp.einsum("bkge,btke->bkgt", q.reshape(B, K, -1, att.head_dim), k_BTKE,
-                   preferred_element_type=jnp.float32) / jnp.sqrt(att.head_dim).astype(jnp.float32)
+    q = model.layer_queries(layer, _gather_rows(x_in_BTD, last), cos, sin)[:, 0]  # [B, H, E]
+    K, E = k_BTKE.shape[2], q.shape[-1]
+    s = jnp.einsum("bkge,btke->bkgt", q.reshape(B, K, -1, E), k_BTKE,
+                   preferred_element_type=jnp.float32) / jnp.sqrt(E).astype(jnp.float32)
     valid = jnp.arange(T)[None, None, None] < batch.lengths_B[:, None, None, None]
     p = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
     return p.mean(axis=(1, 2))
@@ -347,8 +340,8 @@ def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, imp
     pos_3BN = jnp.broadcast_to(positions_BN[None], (3,) + positions_BN.shape)
     cos, sin = model.rope(pos_3BN)
     mask = attn_lib.MaskSpec(kv_len_B=cache.lengths_B, block_mask_BTN=tree_mask_BNN.astype(bool))
-    h_BND, kvs, _ = model.model(x_BND, cos, sin, mask, caches=list(zip(cache.k, cache.v)), impl=impl,
-                                key_visible_LBS=key_visible_LBS)
+    h_BND, kvs, _ = model.decoder(x_BND, cos, sin, mask, caches=list(zip(cache.k, cache.v)), impl=impl,
+                                  key_visible_LBS=key_visible_LBS)
     return VerifyOutput(model.logits(h_BND).astype(jnp.float32), h_BND, kvs)
 
 

@@ -24,7 +24,7 @@ from sparrow_jax.io.vision_inputs import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from sparrow_jax.synthetic import world
 
 ROOT = Path(__file__).resolve().parents[2]
-SHIPPED_DIR = ROOT / "shipped" / "tiny-qwen2.5-vl"
+SHIPPED_DIR = world.SHIPPED_DIR  # ROOT / "shipped" / "tiny-qwen2.5-vl"
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>")

@@ -31,11 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX
+from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX, load_codec
 from sparrow_jax.io.vision_inputs import (VisionPreprocessConfig, VisionTokenIds, VisualInput,
                                           build_multimodal_prompt, preprocess_frames, sample_frame_indices)
 from sparrow_jax.synthetic.video import codec_roundtrip, write_video
 from sparrow_jax.training.data import Sample
+
+# the shipped tiny target (its tokenizer is the world's; `synthetic.tokenizer` writes it there)
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "shipped" / "tiny-qwen2.5-vl"
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
            "white": (245, 245, 245), "purple": (160, 60, 210), "orange": (245, 140, 20), "cyan": (40, 215, 225)}
@@ -812,9 +815,6 @@ def world_source(target_cfg, n: int, *, seed: int = 0, tokenizer_dir=None, world
     """A sample source (`synthetic.sources` signature) for the shipped target: the shipped tokenizer,
     the target's vision token ids (checked against the tokenizer), `WorldDataset` options in kwargs and
     `WorldConfig` fields in `world` (a dict, e.g. {"sprite_scale": 2.0})."""
-    from sparrow_jax.io.text import load_codec  # noqa: PLC0415
-    from sparrow_jax.synthetic.tokenizer import SHIPPED_DIR  # noqa: PLC0415
-
     path = Path(tokenizer_dir or SHIPPED_DIR)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json (run python -m sparrow_jax.synthetic.tokenizer)")

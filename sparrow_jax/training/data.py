@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -244,8 +245,6 @@ def index_pipeline(num_records: int, global_batch: int, seed: int):
     """Global batches of record indices, identical on every process (seeded shuffle, reshuffled each
     epoch); each process then loads only its rows (`process_rows`), so the global batch does not depend
     on the number of processes. Returns a grain iterator (get_state/set_state for exact resume)."""
-    import grain  # noqa: PLC0415
-
     if num_records < global_batch:
         raise ValueError(f"{num_records} records cannot fill a global batch of {global_batch}")
     ds = grain.MapDataset.range(num_records).shuffle(seed=seed).repeat(None).batch(global_batch, drop_remainder=True)

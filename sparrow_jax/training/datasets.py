@@ -23,17 +23,22 @@ a loader runs (video files must exist); videos are decoded only when a sample is
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, QWEN_USER_PREFIX
+from sparrow_jax.io.text import QWEN_ASSISTANT_PREFIX, load_codec
+from sparrow_jax.io.vision_inputs import default_max_visual_tokens
+from sparrow_jax.models import registry
 from sparrow_jax.training.data import Sample
+from sparrow_jax.training.trainer import TrainConfig
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".MP4")  # tried in order for a bare video name
 VISUAL_PLACEHOLDERS = ("<image>", "<video>")  # LLaVA-style markers of where the video goes in a human turn
@@ -252,18 +257,7 @@ def chat_prompt(target_cfg, codec, visual, question: str):
     """One user turn with the video before its text and the assistant prefix, as the family's chat
     template renders it (and decode.py builds it): Qwen2.5-VL `<|vision_start|>pads<|vision_end|>question`,
     LLaVA-OneVision `<video pads>\\nquestion`. `visual` None = a text-only prompt."""
-    if target_cfg.family == "llava_onevision":
-        from sparrow_jax.io.llava_inputs import build_prompt  # noqa: PLC0415
-
-        segs = [codec.encode(QWEN_USER_PREFIX)] + ([visual] if visual is not None else [])
-        return build_prompt(segs + [codec.encode("\n" + question + QWEN_ASSISTANT_PREFIX)], target_cfg)
-    from sparrow_jax.io.vision_inputs import VisionTokenIds, build_multimodal_prompt  # noqa: PLC0415
-
-    ids = VisionTokenIds(target_cfg.vision_start_token_id, target_cfg.vision_end_token_id, target_cfg.image_token_id,
-                         target_cfg.video_token_id)
-    segs = [codec.encode(QWEN_USER_PREFIX)] + ([visual] if visual is not None else [])
-    return build_multimodal_prompt(segs + [codec.encode(question + QWEN_ASSISTANT_PREFIX)], ids)
-
+    return registry.family_of(target_cfg).chat_prompt(target_cfg, codec, visual, question)
 
 def conversation_sample(target_cfg, codec, visual, turns, *, max_text_tokens: int | None = None,
                         where: str = "sample") -> Sample:
@@ -300,64 +294,43 @@ class VideoReader:
     the explicit options; LLaVA-OneVision `num_frames` uniformly sampled frames at its tile size. Both
     cut to `max_visual_tokens` (default: 90 % of the context, decode.py's rule)."""
 
-    QWEN_OPTIONS = ("fps", "max_frames", "min_pixels", "max_pixels")
-
     def __init__(self, target_cfg, model_dir=None, *, max_visual_tokens: int | None = None, num_frames=None,
-                 **qwen_options):
-        from sparrow_jax.io.vision_inputs import VisionPreprocessConfig, default_max_visual_tokens  # noqa: PLC0415
-
+                 **video_options):
         self.cfg = target_cfg
         self.budget = max_visual_tokens or default_max_visual_tokens(target_cfg.text.max_position_embeddings)
-        given = {k: v for k, v in qwen_options.items() if v is not None}
-        if set(qwen_options) - set(self.QWEN_OPTIONS):
-            raise ValueError(f"unknown video option(s) {sorted(set(qwen_options) - set(self.QWEN_OPTIONS))}")
-        d = Path(model_dir) if model_dir is not None else None
-        if target_cfg.family == "llava_onevision":
-            from sparrow_jax.io.llava_inputs import LlavaPreprocessConfig  # noqa: PLC0415
-
-            if given:
-                raise ValueError(f"{sorted(given)} apply to Qwen2.5-VL targets; a LLaVA-OneVision target samples "
-                                 "num_frames frames per video at its own tile size")
-            pjson = d / "preprocessor_config.json" if d else None
-            self.pcfg = LlavaPreprocessConfig.from_hf_preprocessor_json(pjson) if pjson and pjson.is_file() else None
-            self.num_frames = 32 if num_frames is None else int(num_frames)
-        else:
-            if num_frames is not None:
-                raise ValueError("num_frames applies to LLaVA-OneVision targets; a Qwen2.5-VL target samples by fps "
-                                 "(fps, max_frames)")
-            names = ("video_preprocessor_config.json", "preprocessor_config.json")
-            pjson = next((d / n for n in names if d and (d / n).is_file()), None)
-            self.vcfg = VisionPreprocessConfig.for_model(target_cfg.vision, video=True, preprocessor_json=pjson,
-                                                         max_visual_tokens=self.budget, **given)
+        unknown = set(video_options) - set(registry.VIDEO_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown video option(s) {sorted(unknown)}")
+        options = {**video_options, "num_frames": num_frames}
+        foreign = registry.foreign_video_options(target_cfg)
+        given = sorted(k for k in foreign if options.get(k) is not None)
+        if given:
+            keys = f"{given} apply" if len(foreign) > 1 else f"{given[0]} applies"
+            raise ValueError(f"{keys} to {registry.video_option_owners(given[0])} targets; "
+                             f"{registry.frames_note(target_cfg)}")
+        options = {k: v for k, v in options.items() if v is not None}
+        self.read = registry.family_of(target_cfg).visual_readers(target_cfg, model_dir, budget=self.budget,
+                                                                  options=options).video
 
     def __call__(self, path):
-        if self.cfg.family == "llava_onevision":
-            from sparrow_jax.io.llava_inputs import preprocess_video  # noqa: PLC0415
-
-            return preprocess_video(path, self.cfg, self.pcfg, num_frames=self.num_frames,
-                                    max_visual_tokens=self.budget)
-        from sparrow_jax.io.vision_inputs import preprocess_video  # noqa: PLC0415
-
-        return preprocess_video(path, self.vcfg)
+        return self.read(path)
 
 
 def load_codec_for(target_cfg, tokenizer_dir):
-    """The target's tokenizer (tokenizer_dir/tokenizer.json), checked for one-token chat markers."""
-    from sparrow_jax.io.text import load_codec  # noqa: PLC0415
-
+    """The target's tokenizer (tokenizer_dir/tokenizer.json), checked for one-token chat markers (and
+    those the family's config names, for the id it gives)."""
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise ValueError(f"video_instruct: tokenizer_dir {tokenizer_dir}: no tokenizer.json (pass the target's HF "
                          "directory in data_options.tokenizer_dir)")
     codec = load_codec(tokenizer_dir, target_cfg.text.vocab_size)
-    marks = ["<|im_start|>", "<|im_end|>"]
-    if target_cfg.family != "llava_onevision":
-        marks += ["<|vision_start|>", "<|video_pad|>"]
-    for m in marks:
+    marks = (("<|im_start|>", None), ("<|im_end|>", None)) + registry.family_of(target_cfg).tokenizer_marks
+    for m, _ in marks:
         if len(codec.encode(m)) != 1:
             raise ValueError(f"{tokenizer_dir}: tokenizer encodes {m} as {codec.encode(m)}, not one token")
-    if target_cfg.family != "llava_onevision" and codec.encode("<|video_pad|>") != [target_cfg.video_token_id]:
-        raise ValueError(f"{tokenizer_dir}: tokenizer's <|video_pad|> is {codec.encode('<|video_pad|>')}, the target "
-                         f"config's video_token_id is {target_cfg.video_token_id}")
+    for m, field in marks:
+        if field is not None and codec.encode(m) != [getattr(target_cfg, field)]:
+            raise ValueError(f"{tokenizer_dir}: tokenizer's {m} is {codec.encode(m)}, the target config's {field} is "
+                             f"{getattr(target_cfg, field)}")
     return codec
 
 
@@ -632,8 +605,6 @@ def write_eval_dir(records: list[EvalRecord], out_dir, *, batch: int = 1, decode
     """out_dir/manifest.jsonl (the records) and out_dir/run.sh: decode.py over the records, `batch` rows
     per call, appending to out_dir/decode.jsonl; arguments to run.sh go to every decode.py call (target,
     draft, mode, ...). A call whose rows are already in decode.jsonl is skipped (resume)."""
-    import shlex  # noqa: PLC0415
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.jsonl", "w") as f:
@@ -653,8 +624,6 @@ def write_eval_dir(records: list[EvalRecord], out_dir, *, batch: int = 1, decode
 
 
 def main(argv=None):
-    import argparse  # noqa: PLC0415
-
     ap = argparse.ArgumentParser(prog="python -m sparrow_jax.training.datasets",
                                  description="Check training annotations; benchmark manifests for decode.py and their "
                                  "scores (docs/full_scale.md).")
@@ -678,8 +647,6 @@ def main(argv=None):
     try:
         if args.cmd == "check":
             if args.config:
-                from sparrow_jax.training.trainer import TrainConfig  # noqa: PLC0415
-
                 opts = TrainConfig.from_file_and_overrides(args.config, []).data_options
                 files, roots = opts.get("annotation"), opts.get("video_root")
             else:

@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
+from sparrow_jax.decoding.autoregressive import generate
+from sparrow_jax.models import registry
 from sparrow_jax.models import target as tg
 from sparrow_jax.training.data import FEATURE_FORMAT, FeatureRecord, Sample, SlotSpec, TrainBatch, collate, \
     read_index, sample_sequence, text_layout, write_shard
@@ -70,8 +73,6 @@ def _features_jit(graphdef, params, batch, spec, prompt_len_B):
 
 def _sequences(target, samples: list[Sample], regenerate: int | None, prepare):
     if regenerate:  # responses from the target itself (what the draft will have to predict)
-        from sparrow_jax.decoding.autoregressive import generate  # noqa: PLC0415
-
         outs = generate(target, [s.prompt for s in samples], max_new_tokens=regenerate, prepare=prepare)
         samples = [Sample(s.prompt, tuple(o)) for s, o in zip(samples, outs)]
     return [sample_sequence(s) for s in samples]
@@ -79,9 +80,7 @@ def _sequences(target, samples: list[Sample], regenerate: int | None, prepare):
 
 def records_for(target, samples: list[Sample], *, spec: FeatureSpec, regenerate: int | None = None, prepare=None):
     """Feature records of a list of samples (one padded target batch)."""
-    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
-
-    prepare = prepare or prepare_batch_for(target.cfg)
+    prepare = prepare or registry.prepare_batch_for(target.cfg)
     seqs = _sequences(target, samples, regenerate, prepare)
     batch = _text_items(prepare([s for s, _ in seqs], target.cfg), seqs)
     graphdef, params = nnx.split(target)
@@ -114,8 +113,6 @@ def extract_features(target, samples: list[Sample], out_dir, *, spec: FeatureSpe
                      shard_size: int = 64, regenerate: int | None = None, prepare=None, progress: bool = True) -> dict:
     """Offline extraction into `out_dir` (safetensors shards + index.json) of what `spec` asks for.
     Resumable: shards already in the index are skipped (an index written for another spec is refused)."""
-    from tqdm import tqdm  # noqa: PLC0415
-
     out_dir = Path(out_dir)
     index = read_index(out_dir) or {"shards": []}
     done = {s["file"] for s in index["shards"]}
@@ -148,13 +145,11 @@ class OnlineBatch:
 
 
 def online_batch(samples: list[Sample], target_cfg, *, L: int, M: int, slots: SlotSpec, prepare=None) -> OnlineBatch:
-    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
-
     if slots.view == "pruned" and slots.prune_by == "attention":
         raise ValueError("online training cannot prune by attention (the slots are laid out before the target "
                          "runs): extract features offline (train.py --extract-features) or prune uniformly")
     seqs = [sample_sequence(s) for s in samples]
-    batch = (prepare or prepare_batch_for(target_cfg))([s for s, _ in seqs], target_cfg)
+    batch = (prepare or registry.prepare_batch_for(target_cfg))([s for s, _ in seqs], target_cfg)
     B = len(seqs)
     text_idx, vis_idx = np.zeros((B, L), np.int32), np.zeros((B, M), np.int32)
     recs = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from sparrow_jax.models.layers import declared_axes
 
@@ -31,8 +31,6 @@ RULES = {
 
 def make_mesh(shape=(1, 1, 1), devices=None):
     """A (data, fsdp, tensor) mesh with Auto axis types (sharding propagates through jit)."""
-    from jax.sharding import AxisType  # noqa: PLC0415
-
     devices = devices if devices is not None else jax.devices()
     n = int(np.prod(shape))
     if n != len(devices):

@@ -30,8 +30,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sparrow_jax.models import registry
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import XLA, AttentionImpl
+from sparrow_jax.synthetic.sources import sample_source
 from sparrow_jax.training import sharding as shd
 from sparrow_jax.training.data import index_pipeline, sample_sequence
 from sparrow_jax.training.trainer import Trainer, TrainConfig, accumulate_and_update, load_target, make_optimizer
@@ -79,8 +81,6 @@ def text_budget(max_text: int, per_visual: float, n_visual: int) -> int:
 def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, prepare=None) -> TargetBatch:
     """Host: samples of one bucket -> a TargetBatch. Text (prompt text + markers + answer) beyond
     the bucket's text budget (`text_budget`) is an error: raise the config's limit."""
-    from sparrow_jax.models.registry import prepare_batch_for  # noqa: PLC0415
-
     seqs = [sample_sequence(s) for s in samples]
     n_vis = {int(np.count_nonzero(np.asarray(q.mm_token_type_ids))) for q, _ in seqs}
     if len(n_vis) != 1:
@@ -97,7 +97,7 @@ def target_batch(samples, model_cfg, *, max_text: int, per_visual: float = 0.0, 
         loss_idx[b, :len(pos)], labels[b, :len(pos)] = pos, np.asarray(q.input_ids)[pos + 1]
         weight[b, :len(pos)] = 1.0
         first[b, 0] = float(len(pos) > 0)
-    inputs = (prepare or prepare_batch_for(model_cfg))([q for q, _ in seqs], model_cfg,
+    inputs = (prepare or registry.prepare_batch_for(model_cfg))([q for q, _ in seqs], model_cfg,
                                                         seq_bucket=next(iter(n_vis)) + L)
     # The text/visual index rows serve the draft; keep their data-dependent widths out of the step.
     zeros = jnp.zeros((B, 1), jnp.int32)
@@ -167,8 +167,6 @@ def reinit_vision(model, seed: int, out_scale: float = 1.0) -> None:
     """Replace the vision tower (and merger) by a freshly initialised one (seed), its output layer
     scaled by `out_scale` and its bias zeroed — a restart for a tower that collapsed while the LM
     keeps what it learned. In place."""
-    from sparrow_jax.models import registry  # noqa: PLC0415
-
     model.visual = registry.build_target(model.cfg, rngs=nnx.Rngs(seed)).visual
     fc2 = model.visual.merger.fc2
     fc2.kernel.set_value(fc2.kernel.get_value() * out_scale)
@@ -233,8 +231,6 @@ class TargetTrainer(Trainer):
         self.rng = self._initial_rng()
         self.step = 0
         if samples is None:
-            from sparrow_jax.synthetic.sources import sample_source  # noqa: PLC0415
-
             samples = sample_source(cfg.data)(model.cfg, cfg.num_samples, seed=cfg.data_seed, **cfg.data_options)
         self.samples = samples
         self.data_iter = BucketedIndices(buckets_of(samples), cfg.global_batch, cfg.data_seed)
@@ -320,12 +316,8 @@ class TargetTrainer(Trainer):
 def export_hf(model, out_dir, *, tokenizer_dir=None) -> Path:
     """A HF checkpoint directory transformers loads: config.json + model.safetensors (the family's
     saver), generation_config.json with the EOS ids, and the tokenizer files of `tokenizer_dir`."""
-    from sparrow_jax.io import hf_checkpoint  # noqa: PLC0415
-
     out = Path(out_dir)
-    save = {"qwen2_5_vl": hf_checkpoint.save_qwen2_5_vl,
-            "llava_onevision": hf_checkpoint.save_llava_onevision}[model.cfg.family]
-    save(model, out)
+    registry.save_target(model, out)
     eos = list(getattr(model.cfg, "eos_token_ids", ()))
     gen = {"eos_token_id": eos, "pad_token_id": eos[0]} if eos else {}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -21,9 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from sparrow_jax.models import views
+from sparrow_jax.models import registry, views
 from sparrow_jax.models.attention import IMPL_KINDS, AttentionImpl
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.target import default_m_star
@@ -180,8 +183,6 @@ class TrainConfig:
 
 def load_target(cfg: TrainConfig):
     """The frozen target: a HF checkpoint of any supported family, or a random one from a config."""
-    from sparrow_jax.models import registry  # noqa: PLC0415
-
     if cfg.target:
         return registry.load_target(cfg.target)
     path = cfg.target_config or str(Path(__file__).resolve().parents[2] / "configs" / "tiny.json")
@@ -334,8 +335,6 @@ class Trainer:
 
     def checkpoint_manager(self):
         if self._ckpt is None:
-            import orbax.checkpoint as ocp  # noqa: PLC0415
-
             opts = ocp.CheckpointManagerOptions(
                 preservation_policy=ocp.checkpoint_managers.LatestN(n=self.cfg.keep),
                 enable_async_checkpointing=self.cfg.async_save, create=True)
@@ -351,8 +350,6 @@ class Trainer:
     def save(self, force=False):
         """Save this step (async); the state's fingerprint travels in the checkpoint's metadata, and the
         files of the steps finalized before it are sealed with checksums (checkpoint_guard)."""
-        import orbax.checkpoint as ocp  # noqa: PLC0415
-
         mngr = self.checkpoint_manager()
         mngr.wait_until_finished()  # orbax would wait here anyway; the previous step is final, seal it
         self._seal_finalized()
@@ -385,8 +382,6 @@ class Trainer:
         it, and the restored state matches the fingerprint saved with it. A damaged newer step is named
         in one line and moved to `<out_dir>/damaged_checkpoints/`; if no step verifies,
         CheckpointDamagedError says how to start over."""
-        import orbax.checkpoint as ocp  # noqa: PLC0415
-
         mngr = self.checkpoint_manager()
         root = Path(mngr.directory)
         mngr.reload()
@@ -426,8 +421,6 @@ class Trainer:
                     dest = guard.move_aside(root / str(s), root.parent / "damaged_checkpoints")
                     self.log(f"[train] moved damaged step {s} to {dest}")
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils  # noqa: PLC0415
-
                 multihost_utils.sync_global_devices("sparrow_damaged_checkpoints_moved")
             mngr.reload()
             self.log(f"[train] resuming from step {step}, the newest checkpoint that verifies")
@@ -445,8 +438,6 @@ class Trainer:
         """Train (resuming from the newest good checkpoint) until cfg.steps, or `steps` more steps, or step
         `stop_at` — the learning-rate schedule stays the one of cfg.steps, so a run stopped early at
         `stop_at` is exactly the first `stop_at` steps of the full run."""
-        from tqdm import tqdm  # noqa: PLC0415
-
         cfg = self.cfg
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
