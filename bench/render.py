@@ -17,6 +17,7 @@ A rendered table sits between two markers; the opening marker holds its recipe a
   dict at that path (two levels here; a list at any level gives one row per item, e.g. {"path": "rows",
   "as": []}), the keys bound to the names in "as" (numeric keys as numbers) and the
   record's own fields under "record." (filters apply to records, before exploding).
+- row_where: with explode, field = value filters on the exploded rows (the record's fields are under "record.").
 - sort: fields to order rows by (default: file order); cols: [header, field, format] (format a str.format
   pattern, default "{}"; "{:%}"-style and "{:,}" work; a missing field renders as "—", a bool as yes/no;
   a list renders its items formatted and space-separated).
@@ -120,7 +121,8 @@ def table(recipe: dict, results: Path = RESULTS) -> str:
     if not rows:
         raise RenderError(f"{path}: no record matches where={recipe.get('where')} since={recipe.get('since')}")
     if "explode" in recipe:
-        rows = select(explode(rows, recipe["explode"]), {"key": recipe.get("key"), "sort": recipe.get("sort")})
+        rows = select(explode(rows, recipe["explode"]),
+                      {"where": recipe.get("row_where", {}), "key": recipe.get("key"), "sort": recipe.get("sort")})
     cols = [(c[0], c[1], c[2] if len(c) > 2 else "{}") for c in recipe["cols"]]
     lines = ["| " + " | ".join(h for h, _, _ in cols) + " |",
              "|" + "|".join("---:" if any(isinstance(field(r, f), (int, float)) for r in rows) else "---"
