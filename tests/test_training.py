@@ -1,5 +1,6 @@
 """Draft training: IVSB layout and MTP shift pinned, online == offline, the loss learns, sharded ==
-unsharded, two processes == one, SIGKILL + resume is bit-identical."""
+unsharded, two processes == one, online split over 8 devices / 2 processes == offline (the target's
+forward split by rows, never replicated), SIGKILL + resume is bit-identical."""
 
 import json
 import os
@@ -172,7 +173,8 @@ def _params(out_dir):
 @pytest.fixture(scope="module")
 def runs(feature_dir, tmp_path_factory):
     """A: 1 device. B: 8 devices, mesh (2,2,2). C: 2 processes x 4 devices, mesh (2,2,2).
-    D: 1 device, SIGKILLed while its step-4 checkpoint is being written, then resumed."""
+    D: 1 device, SIGKILLed while its step-4 checkpoint is being written, then resumed.
+    E: online (the target in the step) on feature_dir's samples, 2 processes x 4 devices, mesh (2,2,2)."""
     d = tmp_path_factory.mktemp("runs")
     common = lambda name: _base_overrides(d, feature_dir, d / name) + ["steps=6", "save_every=2", "grad_accum=2"]  # noqa: E731
     export = lambda name: ["--export", str(d / name / "draft")]  # noqa: E731
@@ -185,6 +187,15 @@ def runs(feature_dir, tmp_path_factory):
     procs = [_train(common("C") + ["mesh=[2,2,2]"], 4, [*export("C"), "--coordinator", f"127.0.0.1:{port}",
                                                          "--num-processes", "2", "--process-id", str(i)], wait=False)
              for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    port = _free_port()
+    online = [o for o in common("E") if not o.startswith("features=")] + [
+        "online=true", "data=_tiny:feature_samples", "num_samples=48", "mesh=[2,2,2]"]
+    tests_path = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    procs = [_train(online, 4, [*export("E"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", str(i)], env_extra=tests_path, wait=False) for i in range(2)]
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-3000:]
@@ -210,6 +221,48 @@ def test_two_processes_equal_one_process_with_8_devices(runs):
     b, c = _params(d / "B"), _params(d / "C")
     for k in b:
         np.testing.assert_allclose(c[k], b[k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_online_two_processes_equal_offline(runs):
+    """Online, each of 2 processes lays out and encodes only its own rows' videos and the target's
+    forward runs split over the rows: the same losses and weights as offline features (run B)."""
+    d, _ = runs
+    off, on = ([json.loads(x) for x in (d / r / "metrics.jsonl").read_text().splitlines()] for r in ("B", "E"))
+    assert [m["step"] for m in on] == [m["step"] for m in off] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(off, on):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+    b, e = _params(d / "B"), _params(d / "E")
+    for k in b:
+        np.testing.assert_allclose(e[k], b[k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_online_step_on_8_devices_splits_the_target_by_rows_and_equals_offline(tmp_path):
+    """bench/online_step.py on a (data 4, tensor 2) mesh: online losses == offline on the same samples;
+    the compiled step takes the target's inputs split by rows (none replicated but the one tower unit's
+    layout) and its parameters split by their declared axes; every value of the target's sequence length
+    T is per-device (2 of the 8 rows), none the whole batch."""
+    cfg = _config_file(tmp_path)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "online_step.py"), "--mesh", "4,1,2",
+                          "--target-config", str(cfg), "--text-vocab", str(_tiny.SMALL_TEXT_VOCAB), "--steps", "2"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    for a, b in zip(r["losses"]["offline"], r["losses"]["online"], strict=True):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
+    rows = "P(('data', 'fsdp')"
+    for name, spec in r["prefill_shardings"].items():
+        assert spec.startswith(rows) if not name.startswith("unit_layout") else spec == "P()", (name, spec)
+    tp = r["target_param_shardings"]
+    assert tp["model.layers.0.self_attn.q_proj.kernel.value"] == "P('fsdp', 'tensor')"
+    assert tp["model.layers.0.mlp.down_proj.kernel.value"] == "P('tensor', 'fsdp')"
+    T, B = r["T"], r["global_batch"]
+    leading = {int(s.split(",")[0]) for s in r["shapes_with_T"] if "," in s and s.split(",")[1] == str(T)}
+    assert B // 4 in leading and B not in leading, r["shapes_with_T"]
 
 
 @pytest.mark.slow
