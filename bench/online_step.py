@@ -6,7 +6,8 @@ first) and an online one (the target runs in the step), and runs both for --step
 Prints one JSON line: the per-step losses of both, the input shardings the compiled online step takes
 for the target's inputs and parameters, the shapes of the compiled program's [rows, T, ...] values
 (the target's activations), and the median time of an online step (its host batch building included)
-and of the host batch building alone.
+and of the host batch building alone, and the CPU time of a step (all threads: on a shared machine the
+work done, where wall time also counts the waiting).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/online_step.py --mesh 8,1,1
   python bench/online_step.py --mesh 1,1,1
@@ -68,30 +69,31 @@ def main():
                           tensorboard=False)
         target = load_target(cfg)
         samples = synthetic_samples(target.cfg, n, seed=2, text_vocab=args.text_vocab)
-        extract_features(target, samples[:B * args.steps], Path(tmp) / "feats", spec=cfg.feature_spec(1),
-                         batch_size=B, shard_size=B * args.steps, progress=False)
-        off = Trainer(dataclasses.replace(cfg, online=False, features=str(Path(tmp) / "feats"),
-                                          num_samples=B * args.steps), target=target)
-        on = Trainer(cfg, samples=samples[:B * args.steps], target=target)
         out = {"mesh": mesh, "global_batch": B, "devices": jax.device_count(), "losses": {}}
-        for name, tr in (("offline", off), ("online", on)):
-            losses = []
-            with jax.set_mesh(tr.mesh):
-                for s in range(args.steps):
-                    batch = tr.next_batch()
-                    step = tr._step_fn
-                    if name == "online" and s == 0:  # the first step runs the program inspected
-                        step = tr.lower_step(batch).compile()
-                        out.update(_compiled_facts(step, batch))
-                    tr.params, tr.opt_state, tr.rng, m = step(tr.params, tr.opt_state, tr.tparams, tr.rng, batch)
-                    losses.append({k: float(v) for k, v in jax.device_get(m).items()})
-            out["losses"][name] = losses
+        if args.steps:
+            extract_features(target, samples[:B * args.steps], Path(tmp) / "feats", spec=cfg.feature_spec(1),
+                             batch_size=B, shard_size=B * args.steps, progress=False)
+            off = Trainer(dataclasses.replace(cfg, online=False, features=str(Path(tmp) / "feats"),
+                                              num_samples=B * args.steps), target=target)
+            on = Trainer(cfg, samples=samples[:B * args.steps], target=target)
+            for name, tr in (("offline", off), ("online", on)):
+                losses = []
+                with jax.set_mesh(tr.mesh):
+                    for s in range(args.steps):
+                        batch = tr.next_batch()
+                        step = tr._step_fn
+                        if name == "online" and s == 0:  # the first step runs the program inspected
+                            step = tr.lower_step(batch).compile()
+                            out.update(_compiled_facts(step, batch))
+                        tr.params, tr.opt_state, tr.rng, m = step(tr.params, tr.opt_state, tr.tparams, tr.rng, batch)
+                        losses.append({k: float(v) for k, v in jax.device_get(m).items()})
+                out["losses"][name] = losses
         if args.repeats:
             timed = Trainer(dataclasses.replace(cfg, steps=args.repeats + 2), samples=samples, target=target)
-            step_s, host_s = [], []
+            step_s, host_s, cpu_s = [], [], []
             with jax.set_mesh(timed.mesh):
                 for i in range(args.repeats + 2):  # 2 warm-up calls: the second one compiles again (rng sharding)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     batch = timed.next_batch()
                     t1 = time.perf_counter()
                     timed.params, timed.opt_state, timed.rng, m = timed._step_fn(
@@ -99,8 +101,10 @@ def main():
                     jax.block_until_ready(m)
                     if i >= 2:
                         step_s.append(time.perf_counter() - t0)
+                        cpu_s.append(time.process_time() - c0)
                         host_s.append(t1 - t0)
             out["step_s_median"] = float(np.median(step_s))
+            out["step_cpu_s_median"] = float(np.median(cpu_s))  # every thread: the work, not the waiting
             out["host_batch_s_median"] = float(np.median(host_s))
             out["env"] = environment()
     print(json.dumps(out))
