@@ -17,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import _tiny
+from sparrow_jax.models import registry
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.synthetic.samples import synthetic_samples
 from sparrow_jax.training.data import CurriculumBatches, ShardSource, SlotSpec, collate, slot_layout
@@ -94,16 +95,40 @@ def _config_file(tmp):
 
 @pytest.fixture(scope="module")
 def feature_dir(small_target, tmp_path_factory):
+    """small_target's features of 48 samples, and small_target itself as a checkpoint (`target/` beside
+    them): the runs train against the target that extracted their features, so an online run (the target
+    in the step) sees the same numbers. (A random target from `target_config` + `target_seed` would not
+    be small_target: conftest scales its weights x2.)"""
     d = tmp_path_factory.mktemp("features")
     samples = synthetic_samples(small_target.cfg, 48, seed=2, text_vocab=_tiny.SMALL_TEXT_VOCAB)
     extract_features(small_target, samples, d, spec=MID, shard_size=16, progress=False)
+    registry.save_target(small_target, _target_dir(d))
     return d
 
 
-def _base_overrides(d, features, out):
-    return [f"target_config={_config_file(d)}", "target_seed=7", f"features={features}", f"out_dir={out}",
+def _target_dir(features):
+    return Path(features).parent / f"{Path(features).name}_target"
+
+
+def _base_overrides(features, out):
+    return [f"target={_target_dir(features)}", f"features={features}", f"out_dir={out}",
             f"max_text={L}", f"max_visual={M}", "m_star=1", "global_batch=8", "lr=0.003", "warmup=2", "log_every=1",
             "tensorboard=false"]
+
+
+def test_trainer_online_equals_offline_on_one_device(small_target, feature_dir, tmp_path):
+    """The Trainer's own step, online (the target in the step, rows laid out one by one) vs offline
+    (feature_dir), on one device with gradient accumulation: the same losses (and the runs' target is
+    the one that extracted the features, which the 2-process online run relies on)."""
+    run = ["steps=2", "save_every=100", "grad_accum=2"]
+    common = lambda name: _base_overrides(feature_dir, tmp_path / name) + run  # noqa: E731
+    off = Trainer(TrainConfig.from_file_and_overrides(None, common("off"))).run(progress=False)
+    on_cfg = TrainConfig.from_file_and_overrides(None, [o for o in common("on") if not o.startswith("features=")] +
+                                                 ["online=true", "num_samples=48"])
+    on = Trainer(on_cfg, samples=_tiny.feature_samples(small_target.cfg, 48)).run(progress=False)
+    assert [h["step"] for h in on] == [h["step"] for h in off] == [1, 2]
+    for a, b in zip(off, on):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
 
 
 def test_msd_curriculum_text_first_then_a_rising_visual_share_and_exact_resume():
@@ -133,7 +158,7 @@ def test_extraction_is_resumable_and_indexed(feature_dir, small_target):
 def test_learning_lowers_loss_and_raises_heldout_top1(small_target, feature_dir, tmp_path):
     held = records_for(small_target, synthetic_samples(small_target.cfg, 8, seed=99, text_vocab=_tiny.SMALL_TEXT_VOCAB),
                        spec=MID)
-    cfg = TrainConfig.from_file_and_overrides(None, _base_overrides(tmp_path, feature_dir, tmp_path / "run") +
+    cfg = TrainConfig.from_file_and_overrides(None, _base_overrides(feature_dir, tmp_path / "run") +
                                               ["steps=40", "save_every=100", "mtp_steps=1"])
     tr = Trainer(cfg)
     before = tr.evaluate(held)
@@ -174,7 +199,7 @@ def runs(feature_dir, tmp_path_factory):
     """A: 1 device. B: 8 devices, mesh (2,2,2). C: 2 processes x 4 devices, mesh (2,2,2).
     D: 1 device, SIGKILLed while its step-4 checkpoint is being written, then resumed."""
     d = tmp_path_factory.mktemp("runs")
-    common = lambda name: _base_overrides(d, feature_dir, d / name) + ["steps=6", "save_every=2", "grad_accum=2"]  # noqa: E731
+    common = lambda name: _base_overrides(feature_dir, d / name) + ["steps=6", "save_every=2", "grad_accum=2"]  # noqa: E731
     export = lambda name: ["--export", str(d / name / "draft")]  # noqa: E731
     a = _train(common("A"), 1, export("A"), wait=False)
     b = _train(common("B") + ["mesh=[2,2,2]"], 8, export("B"), wait=False)
