@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from sparrow_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from sparrow_jax.synthetic.samples import synthetic_samples
 
 VOCAB = 300
 IMAGE, VIDEO, VSTART, VEND = 290, 291, 292, 293
@@ -103,6 +104,12 @@ def random_text(rng, n, vocab=280):
 SMALL_VOCAB_CONFIG = hf_config_dict(text={"vocab_size": 24}, image_token_id=20, video_token_id=21,
                                     vision_start_token_id=22, vision_end_token_id=23)
 SMALL_TEXT_VOCAB = 20
+
+
+def feature_samples(target_cfg, n: int, *, seed: int = 0):
+    """A sample source (`data: "_tiny:feature_samples"`) giving test_training's feature-dir samples
+    whatever the data seed, so an online run shuffles them exactly as an offline run of that seed."""
+    return synthetic_samples(target_cfg, n, seed=2, text_vocab=SMALL_TEXT_VOCAB)
 
 
 def fp32(x):
