@@ -86,8 +86,8 @@ def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key,
     """The jitted loop behind `ar_generate` (sampling and the streaming hook id are traced). Each
     iteration runs the forward of the token picked last and picks the next; the first pick (from the
     prefill's logits) precedes the loop, so the token that finishes the last row costs no forward and
-    the loop needs no conditional around the forward (a `lax.cond` returning the cache copies the whole
-    cache per step on XLA:CPU: a step cost that grows with the capacity, not the committed length)."""
+    the loop needs no conditional around the forward (a `lax.cond` returning the cache gives XLA one more
+    reason to copy it; see `body` for the one that did)."""
     model = nnx.merge(graphdef, params)
     B = last_logits_BV.shape[0]
     one_node = jnp.ones((B, 1, 1), bool)

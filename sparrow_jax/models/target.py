@@ -38,6 +38,16 @@ def bucket(n: int, multiple: int = SEQ_BUCKET) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def pad_index_rows(rows) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row index lists -> ([B, bucketed L] int32 right-padded with 0, [B] lengths): the draft's text /
+    visual position tables every family's batch builder lays out."""
+    L = bucket(max(max((len(r) for r in rows), default=0), 1))
+    out = np.zeros((len(rows), L), np.int32)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = r
+    return out, np.asarray([len(r) for r in rows], np.int32)
+
+
 def default_m_star(num_layers: int) -> int:
     """Default bridge layer m* (IVSB's layer-m* visual states; `capture` index i = output of decoder
     layer i, HF `hidden_states[i]`). The released Sparrow code reads `hidden_states[-14]` of the 28-layer

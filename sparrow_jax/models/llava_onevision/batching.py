@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparrow_jax.models.llava_onevision.config import LlavaOneVisionConfig
-from sparrow_jax.models.target import PrefillBatch, bucket
+from sparrow_jax.models.target import PrefillBatch, bucket, pad_index_rows
 
 
 # ------------------------------------------------------------------------------ host-side layouts
@@ -245,15 +245,8 @@ def prepare_prefill_batch(prompts, cfg: LlavaOneVisionConfig, *, seq_bucket: int
             start += c
         visuals.extend(row_visuals)
 
-    def pad_rows(rows):
-        L = bucket(max(max((len(r) for r in rows), default=0), 1))
-        out = np.zeros((B, L), np.int32)
-        for b, r in enumerate(rows):
-            out[b, :len(r)] = r
-        return out, np.asarray([len(r) for r in rows], np.int32)
-
-    text_idx_BL, text_len = pad_rows(text_idx)
-    vis_idx_BM, vis_len = pad_rows(vis_idx)
+    text_idx_BL, text_len = pad_index_rows(text_idx)
+    vis_idx_BM, vis_len = pad_index_rows(vis_idx)
     pos = np.broadcast_to(np.arange(T, dtype=np.int32)[None, None], (3, B, T))
     has_vis = bool(visuals)
     if has_vis:  # pad tiles and visual tokens to buckets: fewer executables across batches

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparrow_jax.models.qwen2_5_vl.config import Qwen25VLConfig, VisionConfig
-from sparrow_jax.models.target import PrefillBatch, bucket
+from sparrow_jax.models.target import PrefillBatch, bucket, pad_index_rows
 
 
 # ------------------------------------------------------------------------------ host-side layouts
@@ -198,15 +198,8 @@ def prepare_prefill_batch(prompts, cfg: Qwen25VLConfig, *, seq_bucket: int | Non
         if want != len(vis):
             raise ValueError(f"prompt {b}: {len(vis)} visual pad tokens but its visuals give {want} features")
 
-    def pad_rows(rows):
-        L = bucket(max(max((len(r) for r in rows), default=0), 1))
-        out = np.zeros((B, L), np.int32)
-        for b, r in enumerate(rows):
-            out[b, :len(r)] = r
-        return out, np.asarray([len(r) for r in rows], np.int32)
-
-    text_idx_BL, text_len = pad_rows(text_idx)
-    vis_idx_BM, vis_len = pad_rows(vis_idx)
+    text_idx_BL, text_len = pad_index_rows(text_idx)
+    vis_idx_BM, vis_len = pad_index_rows(vis_idx)
     has_vis = bool(pixels)
     if has_vis:  # stays on the host (one visual: no copy): `target.prefill` moves it to the device chunk by chunk
         pixels = pixels[0].astype(dtype, copy=False) if len(pixels) == 1 else np.concatenate(pixels, dtype=dtype)
