@@ -337,12 +337,8 @@ class Trainer:
             ob = online_batch([self.samples[int(i)] for i in rows], self.target.cfg, L=cfg.max_text,
                               M=cfg.max_visual, slots=cfg.slots, unit=self.visual_unit, agree=_agree_max,
                               names=[f"sample {int(i)}" for i in rows])
-            unit_layout = ob.prefill.unit_layout  # one unit's layout: the same on every device
-            ob = dataclasses.replace(ob, prefill=dataclasses.replace(ob.prefill, unit_layout=None))
             with jax.set_mesh(self.mesh):
-                ob = jax.tree.map(put, ob)
-                return dataclasses.replace(ob, prefill=dataclasses.replace(
-                    ob.prefill, unit_layout=jax.device_put(unit_layout, shd.replicated(self.mesh))))
+                return jax.tree.map(put, ob)
         local = collate([self.source[int(i)] for i in rows], L=cfg.max_text, M=cfg.max_visual, spec=cfg.slots)
         return jax.tree.map(put, local)
 
