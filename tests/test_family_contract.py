@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,8 +77,8 @@ def test_config_round_trip(model_type):
     assert registry.config_from_dict(d, "again.json") == cfg
 
 
-def _prompt(fam, cfg, frames: int):
-    visual, video_ids = fam.blank_video(cfg, frames, 56)
+def _prompt(fam, cfg, frames: int, side: int = 56):
+    visual, video_ids = fam.blank_video(cfg, frames, side)
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal(visual.pixel_values.shape).astype(np.float32)
     visual = types.SimpleNamespace(**{**vars(visual), "pixel_values": pixels})
@@ -123,6 +124,24 @@ def test_chunked_visuals_equal_one_call(built):
     whole = model.encode_visuals(jnp.asarray(batch.pixels_PC), batch.vision_layout)
     chunked = tg.encode_visuals_chunked(graphdef, params, batch.pixels_PC, batch.vision_layout, chunk_patches=1)
     np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_grown_to_a_larger_size_keep_their_outputs(built):
+    """Chunks of different sizes (frames of 28 and 84 pixels) grown to their elementwise largest
+    `chunk_dims` by `pad_chunk` and run stacked (vmapped, as online training does): each chunk's first
+    `valid` output rows are those of the chunk run alone."""
+    fam, cfg, model, _, _ = built
+    batch = registry.prepare_batch_for(cfg)([_prompt(fam, cfg, 2, 28), _prompt(fam, cfg, 2, 84)], cfg)
+    chunks = list(model.visual_chunks(np.asarray(batch.pixels_PC), batch.vision_layout, 1))
+    dims = np.max([model.chunk_dims(px, layout) for px, layout, _ in chunks], axis=0).astype(int)
+    grown = [model.pad_chunk(px, layout, tuple(dims)) for px, layout, _ in chunks]
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *grown)
+    out = jax.vmap(model.encode_chunk)(*stacked)
+    for (px, layout, valid), o in zip(chunks, out):
+        alone = model.encode_chunk(jnp.asarray(px), layout)
+        np.testing.assert_allclose(np.asarray(o[:valid]), np.asarray(alone[:valid]), rtol=1e-5, atol=1e-5)
+    if cfg.family == "qwen2_5_vl":  # two frame sizes: the small chunks were grown
+        assert len({np.shape(px) for px, _, _ in chunks}) == 2
 
 
 def test_attention_scores_are_a_distribution(built):

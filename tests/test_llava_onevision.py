@@ -48,6 +48,9 @@ from sparrow_jax.models import registry  # noqa: E402
 from sparrow_jax.models import target as tg  # noqa: E402
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft  # noqa: E402
 from sparrow_jax.models.qwen2_5_vl import ConfigError  # noqa: E402
+from sparrow_jax.training.data import Sample, SlotSpec, collate  # noqa: E402
+from sparrow_jax.training.features import FeatureSpec, fill_features, online_batch, records_for  # noqa: E402
+from sparrow_jax.training.losses import LossConfig, draft_loss  # noqa: E402
 
 TOL = 1e-4
 NEAR_TIE = 1e-5
@@ -652,6 +655,27 @@ def test_decode_cli_runs_llava_target(zoo, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ draft training
+
+
+def test_online_and_offline_features_give_the_same_loss_on_llava():
+    """Online rows (tiles as tower units, each row's bilinear taps combined row by row) == offline
+    extraction (the whole batch's tiles and taps at once): the same draft loss and metrics."""
+    d = hf_config("even")
+    d["text_config"].update(vocab_size=SMALL_VOCAB, tie_word_embeddings=False)
+    d.update(image_token_index=22, video_token_index=23, tie_word_embeddings=False)
+    tcfg = lo.LlavaOneVisionConfig.from_hf_dict(d)
+    target = registry.build_target(tcfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(1)
+    samples = [Sample(p, tuple(rng.integers(1, SMALL_TEXT, 8).tolist())) for p in small_prompts(tcfg, 6, 4)]
+    spec, slots = FeatureSpec(m_star=1), SlotSpec("ivsb_mid")
+    off = jax.tree.map(jnp.asarray, collate(records_for(target, samples, spec=spec), L=32, M=64, spec=slots))
+    on = fill_features(target, online_batch(samples, tcfg, L=32, M=64, slots=slots), spec)
+    draft = SparrowDraft(DraftConfig.for_target(tcfg), rngs=nnx.Rngs(0))
+    l_off, m_off = draft_loss(draft, target.embed, target.logits, off, LossConfig())
+    l_on, m_on = draft_loss(draft, target.embed, target.logits, on, LossConfig())
+    assert abs(float(l_off) - float(l_on)) <= 1e-5
+    for k in m_off:
+        assert abs(float(m_off[k]) - float(m_on[k])) <= 1e-5, k
 
 
 def test_sparrow_draft_training_steps_lower_the_loss_on_llava(tmp_path):

@@ -1,5 +1,6 @@
 """Draft training: IVSB layout and MTP shift pinned, online == offline, the loss learns, sharded ==
-unsharded, two processes == one, SIGKILL + resume is bit-identical."""
+unsharded, two processes == one, online split over 8 devices / 2 processes == offline (the target's
+forward split by rows, never replicated), SIGKILL + resume is bit-identical."""
 
 import json
 import os
@@ -20,8 +21,9 @@ import _tiny
 from sparrow_jax.models import registry
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.synthetic.samples import synthetic_samples
-from sparrow_jax.training.data import CurriculumBatches, ShardSource, SlotSpec, collate, slot_layout
-from sparrow_jax.training.features import FeatureSpec, extract_features, fill_features, online_batch, records_for
+from sparrow_jax.training.data import CurriculumBatches, Sample, ShardSource, SlotSpec, collate, slot_layout
+from sparrow_jax.training.features import FeatureSpec, extract_features, fill_features, online_batch, records_for, \
+    reference_unit
 from sparrow_jax.training.losses import LossConfig, draft_loss, draft_passes, slot_inputs
 from sparrow_jax.training.trainer import TrainConfig, Trainer
 
@@ -85,6 +87,45 @@ def test_online_and_offline_features_give_the_same_loss(small_target, records):
     assert abs(float(l_off) - float(l_on)) <= 1e-5
     for k in m_off:
         assert abs(float(m_off[k]) - float(m_on[k])) <= 1e-5, k
+
+
+def test_online_rows_of_mixed_frame_sizes_equal_offline(small_target):
+    """Online rows whose frames have 28, 56 or 84 pixels (1, 4, 9 visual tokens per frame group; different
+    window segments) and text-only rows: every frame group is grown to the largest and stacked, and the
+    features and loss equal offline extraction (the whole batch's visuals encoded unpadded) — also when
+    the rows are built in three parts, as three processes do, padded to their agreed shapes (the
+    84-pixel frames only in one part, no visuals in another: it pads with the run's reference unit)."""
+    cfg = small_target.cfg
+    rng = np.random.default_rng(5)
+    samples = [s for side in (56, 28, 84) for s in
+               synthetic_samples(cfg, 2, seed=side, text_vocab=_tiny.SMALL_TEXT_VOCAB, side=side)] + [
+        Sample(_tiny.prompt([_tiny.random_text(rng, 6, _tiny.SMALL_TEXT_VOCAB)]), (3, 4, 5)) for _ in range(2)]
+    recs = records_for(small_target, samples, spec=MID)
+    off = jax.tree.map(jnp.asarray, collate(recs, L=L, M=32, spec=IVSB))
+    draft = SparrowDraft(DraftConfig.for_target(cfg), rngs=nnx.Rngs(0))
+    loss = lambda b: float(draft_loss(draft, small_target.embed, small_target.logits, b, LossConfig())[0])  # noqa: E731
+
+    def check(on, rows):
+        for b, r in enumerate(recs[i] for i in rows):
+            n, m = len(r.text_ids), len(r.vis)
+            np.testing.assert_allclose(np.asarray(on.h_BLD[b, :n]), np.asarray(off.h_BLD[rows[b], :n]), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(on.vis_BMD[b, :m]), np.asarray(off.vis_BMD[rows[b], :m]), atol=1e-5)
+
+    ob = online_batch(samples, cfg, L=L, M=32, slots=IVSB)
+    assert ob.prefill.units_BU.shape[:3] == (8, 2, 36)  # 2 frame groups per row, grown to 6 x 6 patches
+    on = fill_features(small_target, ob, MID)
+    check(on, list(range(8)))
+    assert abs(loss(off) - loss(on)) <= 1e-5
+    parts, unit = ([0, 2, 3], [4, 5], [6, 7]), reference_unit(samples, cfg)  # the run's unit: a 56-pixel group
+    shapes = []
+    for rows in parts:
+        online_batch([samples[i] for i in rows], cfg, L=L, M=32, slots=IVSB, unit=unit,
+                     agree=lambda v: shapes.append(v) or v)
+    agreed = np.max(shapes, axis=0)
+    for rows in parts:
+        ob = online_batch([samples[i] for i in rows], cfg, L=L, M=32, slots=IVSB, unit=unit, agree=lambda v: agreed)
+        assert ob.prefill.units_BU.shape[1:3] == (2, 36)
+        check(fill_features(small_target, ob, MID), list(rows))
 
 
 def _config_file(tmp):
@@ -197,7 +238,8 @@ def _params(out_dir):
 @pytest.fixture(scope="module")
 def runs(feature_dir, tmp_path_factory):
     """A: 1 device. B: 8 devices, mesh (2,2,2). C: 2 processes x 4 devices, mesh (2,2,2).
-    D: 1 device, SIGKILLed while its step-4 checkpoint is being written, then resumed."""
+    D: 1 device, SIGKILLed while its step-4 checkpoint is being written, then resumed.
+    E: online (the target in the step) on feature_dir's samples, 2 processes x 4 devices, mesh (2,2,2)."""
     d = tmp_path_factory.mktemp("runs")
     common = lambda name: _base_overrides(feature_dir, d / name) + ["steps=6", "save_every=2", "grad_accum=2"]  # noqa: E731
     export = lambda name: ["--export", str(d / name / "draft")]  # noqa: E731
@@ -210,6 +252,15 @@ def runs(feature_dir, tmp_path_factory):
     procs = [_train(common("C") + ["mesh=[2,2,2]"], 4, [*export("C"), "--coordinator", f"127.0.0.1:{port}",
                                                          "--num-processes", "2", "--process-id", str(i)], wait=False)
              for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    port = _free_port()
+    online = [o for o in common("E") if not o.startswith("features=")] + [
+        "online=true", "data=_tiny:feature_samples", "num_samples=48", "mesh=[2,2,2]"]
+    tests_path = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    procs = [_train(online, 4, [*export("E"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                "--process-id", str(i)], env_extra=tests_path, wait=False) for i in range(2)]
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-3000:]
@@ -235,6 +286,48 @@ def test_two_processes_equal_one_process_with_8_devices(runs):
     b, c = _params(d / "B"), _params(d / "C")
     for k in b:
         np.testing.assert_allclose(c[k], b[k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_online_two_processes_equal_offline(runs):
+    """Online, each of 2 processes lays out and encodes only its own rows' videos and the target's
+    forward runs split over the rows: the same losses and weights as offline features (run B)."""
+    d, _ = runs
+    off, on = ([json.loads(x) for x in (d / r / "metrics.jsonl").read_text().splitlines()] for r in ("B", "E"))
+    assert [m["step"] for m in on] == [m["step"] for m in off] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(off, on):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a["step"], a["loss"], b["loss"])
+    b, e = _params(d / "B"), _params(d / "E")
+    for k in b:
+        np.testing.assert_allclose(e[k], b[k], atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_online_step_on_8_devices_splits_the_target_by_rows_and_equals_offline(tmp_path):
+    """bench/online_step.py on a (data 4, tensor 2) mesh: online losses == offline on the same samples;
+    the compiled step takes the target's inputs split by rows (the tower units' layouts too, none
+    replicated) and its parameters split by their declared axes; every value of the target's sequence length
+    T is per-device (2 of the 8 rows), none the whole batch."""
+    cfg = _config_file(tmp_path)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "online_step.py"), "--mesh", "4,1,2",
+                          "--target-config", str(cfg), "--text-vocab", str(_tiny.SMALL_TEXT_VOCAB), "--steps", "2"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    for a, b in zip(r["losses"]["offline"], r["losses"]["online"], strict=True):
+        for k in a:
+            assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
+    rows = "P(('data', 'fsdp')"
+    for name, spec in r["prefill_shardings"].items():
+        assert spec.startswith(rows), (name, spec)
+    tp = r["target_param_shardings"]
+    assert tp["model.layers.0.self_attn.q_proj.kernel.value"] == "P('fsdp', 'tensor')"
+    assert tp["model.layers.0.mlp.down_proj.kernel.value"] == "P('tensor', 'fsdp')"
+    T, B = r["T"], r["global_batch"]
+    leading = {int(s.split(",")[0]) for s in r["shapes_with_T"] if "," in s and s.split(",")[1] == str(T)}
+    assert B // 4 in leading and B not in leading, r["shapes_with_T"]
 
 
 @pytest.mark.slow

@@ -43,6 +43,13 @@ class TargetModel(Protocol):
 
     def combine_chunks(self, feats, layout): ...  # the chunks' outputs, concatenated -> visual tokens [M, D]
 
+    def chunk_dims(self, pixels, layout) -> tuple[int, ...]:
+        """Host: a chunk's sizes that `pad_chunk` can grow (ints; () when every chunk has one shape)."""
+
+    def pad_chunk(self, pixels, layout, dims):
+        """Host: (pixels, layout) of the chunk grown to `dims` (elementwise >= its `chunk_dims`): chunks of
+        different sizes stack into one shape, and `encode_chunk`'s first `valid` rows stay the chunk's own."""
+
 
 class VisualReaders(NamedTuple):
     """A target's preprocessing: video path -> visual, image (path, PIL image or uint8 array) -> visual."""

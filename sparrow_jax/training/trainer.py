@@ -4,7 +4,10 @@ parameters, optimizer, step, RNG and the data iterator exactly, JSON-lines + Ten
 
 Data: offline feature shards (`features` dir) or online (`online: true`: the frozen target runs inside
 the train step on raw samples; nothing is written). Multi-host: `jax.distributed.initialize` (see
-train.py); every process draws the same global batch of record indices and loads only its own rows.
+train.py); every process draws the same global batch of record indices and loads only its own rows —
+online too: a process reads and lays out only its rows' videos, and the target's forward runs split
+over the data axes like the draft step (its parameters placed by their declared axes, heads / MLP on
+`tensor`), never replicated.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from sparrow_jax.training import checkpoint_guard as guard
 from sparrow_jax.training import sharding as shd
 from sparrow_jax.training.data import CurriculumBatches, ShardSource, SlotSpec, TrainBatch, collate, index_pipeline, \
     process_rows
-from sparrow_jax.training.features import FeatureSpec, OnlineBatch, fill_features, online_batch
+from sparrow_jax.training.features import FeatureSpec, OnlineBatch, fill_features, online_batch, reference_unit
 from sparrow_jax.training.losses import LossConfig, draft_loss
 
 
@@ -197,6 +200,13 @@ def make_optimizer(cfg: TrainConfig):
                        optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
 
 
+def _agree_max(v):
+    """The elementwise max of a host vector over processes (online batch shapes every process pads to)."""
+    if jax.process_count() == 1:
+        return v
+    return np.asarray(multihost_utils.process_allgather(np.asarray(v))).max(axis=0)
+
+
 def _rows(batch, i, n):
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, i * n, n, 0), batch)
 
@@ -249,8 +259,9 @@ class Trainer:
         if cfg.online:
             if samples is None:
                 raise ValueError("online training needs samples")
-            self.samples = samples
+            self.samples = samples  # any sequence: only this process's rows are read (lazy sources render them)
             n_records = len(samples)
+            self.visual_unit = reference_unit(samples, self.target.cfg)
         else:
             if cfg.features is None:
                 raise ValueError("set `features` (offline shards) or `online: true`")
@@ -316,20 +327,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------ data
 
     def next_batch(self):
+        """The global batch as arrays sharded by rows over the data axes; each process reads (and, online,
+        renders and lays out for the target) only its own rows."""
         idx = np.asarray(next(self.data_iter))
         cfg = self.cfg
-        if cfg.online:
-            # Online: every process builds the whole global batch (the target needs its pixels).
-            ob = online_batch([self.samples[i] for i in idx], self.target.cfg, L=cfg.max_text, M=cfg.max_visual,
-                              slots=cfg.slots)
-            with jax.set_mesh(self.mesh):
-                train = jax.tree.map(lambda x: jax.device_put(x, shd.batch_sharding(self.mesh, x.ndim)), ob.train)
-                prefill = jax.device_put(ob.prefill, shd.replicated(self.mesh))
-            return OnlineBatch(prefill, train)
         rows = idx[process_rows(cfg.global_batch, jax.process_index(), jax.process_count())]
+        put = lambda x: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, x.ndim), x)  # noqa: E731
+        if cfg.online:
+            ob = online_batch([self.samples[int(i)] for i in rows], self.target.cfg, L=cfg.max_text,
+                              M=cfg.max_visual, slots=cfg.slots, unit=self.visual_unit, agree=_agree_max,
+                              names=[f"sample {int(i)}" for i in rows])
+            with jax.set_mesh(self.mesh):
+                return jax.tree.map(put, ob)
         local = collate([self.source[int(i)] for i in rows], L=cfg.max_text, M=cfg.max_visual, spec=cfg.slots)
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(shd.batch_sharding(self.mesh, x.ndim), x), local)
+        return jax.tree.map(put, local)
 
     # ------------------------------------------------------------------------------ checkpoints
 

@@ -207,3 +207,10 @@ class LlavaOneVision(Qwen2LMTarget, nnx.Module):
         table = jnp.concatenate([self.image_newline[...][None].astype(feats_RD.dtype), feats_RD])
         out = jnp.einsum("mk,mkd->md", layout.src_w, table[layout.src_idx], preferred_element_type=jnp.float32)
         return out.astype(feats_RD.dtype)
+
+    def chunk_dims(self, tiles_NCHW, layout=None):
+        """Host: nothing to grow (every tile has the tower's one input size)."""
+        return ()
+
+    def pad_chunk(self, tiles_NCHW, layout, dims):
+        return tiles_NCHW, layout

@@ -124,6 +124,45 @@ def vision_chunks(group_hw, vcfg: VisionConfig, chunk_patches: int):
     return out
 
 
+def chunk_dims(layout: VisionLayout) -> tuple[int, ...]:
+    """A chunk layout's sizes that `pad_chunk_layout` can grow: (patches, full-attention segments and their
+    longest, window segments and their longest)."""
+    return (len(layout.patch_perm), *np.shape(layout.full.gather_idx), *np.shape(layout.window.gather_idx))
+
+
+def _pad_segments(seg: SegmentLayout, n: int, L: int, P: int) -> SegmentLayout:
+    n0, L0 = np.shape(seg.gather_idx)
+    gather = np.zeros((n, L), np.int32)
+    gather[:n0, :L0] = np.asarray(seg.gather_idx)
+    seg_len = np.ones((n,), np.int32)  # added segments: one key (token 0), computed and never read
+    seg_len[:n0] = np.asarray(seg.seg_len)
+    slot = np.asarray(seg.token_slot)
+    slot = np.concatenate([slot // L0 * L + slot % L0, np.zeros((P - len(slot),), slot.dtype)])  # padding reads slot 0
+    return SegmentLayout(gather, seg_len, slot.astype(np.int32))
+
+
+def pad_chunk_layout(pixels_PC, layout: VisionLayout, dims) -> tuple[np.ndarray, VisionLayout]:
+    """Host: a chunk's pixels and layout grown to `dims` (elementwise >= `chunk_dims(layout)`) so chunks of
+    different frame sizes stack into one shape. The padding patches come after the real ones in window
+    order, join no real patch's attention segment and form merge units of their own, so the first
+    `patches / merge^2` output rows are the unpadded chunk's (the rest are dropped by the caller)."""
+    P, n_full, L_full, n_win, L_win = (int(d) for d in dims)
+    P0 = len(layout.patch_perm)
+    unit = P0 // len(layout.merged_unperm)
+    if P % unit or any(d < d0 for d, d0 in zip(dims, chunk_dims(layout))):
+        raise ValueError(f"pad_chunk_layout: dims {tuple(dims)} do not cover the chunk's {chunk_dims(layout)} "
+                         f"in whole merge units of {unit} patches")
+    grow = lambda x, n: np.concatenate([np.asarray(x), np.arange(len(x), n, dtype=np.int32)])  # noqa: E731
+    rot = np.zeros((P, 2), np.int32)
+    rot[:P0] = np.asarray(layout.rot_pos)
+    pixels = np.asarray(pixels_PC)
+    pixels = np.concatenate([pixels, np.zeros((P - P0, pixels.shape[1]), pixels.dtype)])
+    return pixels, VisionLayout(
+        patch_perm=grow(layout.patch_perm, P), rot_pos=rot, full=_pad_segments(layout.full, n_full, L_full, P),
+        window=_pad_segments(layout.window, n_win, L_win, P), merged_unperm=grow(layout.merged_unperm, P // unit),
+        group_hw=np.asarray(layout.group_hw))
+
+
 def rope_index(input_ids, mm_token_type_ids, grids_thw, second_per_grid_ts, cfg: Qwen25VLConfig):
     """3-D M-RoPE positions [3, T] and decode delta for one unpadded row, as transformers 5.23's
     `get_rope_index`: text runs count up by 1; a visual block starts at the running position p,

@@ -14,7 +14,8 @@ from flax import nnx
 from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.layers import GatedMLP, RMSNorm, apply_rope, linear, mrope_cos_sin, rope_inv_freq
-from sparrow_jax.models.qwen2_5_vl.batching import SegmentLayout, VisionLayout, chunk_layout, vision_chunks
+from sparrow_jax.models.qwen2_5_vl.batching import (SegmentLayout, VisionLayout, chunk_dims, chunk_layout,
+                                                    pad_chunk_layout, vision_chunks)
 from sparrow_jax.models.qwen2_5_vl.config import Qwen25VLConfig, VisionConfig
 from sparrow_jax.models.qwen2_lm import Qwen2LMTarget, TextModel
 
@@ -120,4 +121,13 @@ class Qwen25VL(Qwen2LMTarget, nnx.Module):
     def combine_chunks(self, feats_MD, layout):
         """The chunks' outputs, concatenated, already are the visual tokens in order."""
         return feats_MD
+
+    # --- chunks of different frame sizes in one shape (online training stacks every row's frame groups) ---
+    def chunk_dims(self, pixels_PC, layout: VisionLayout):
+        """Host: the chunk's growable sizes (`batching.chunk_dims`)."""
+        return chunk_dims(layout)
+
+    def pad_chunk(self, pixels_PC, layout: VisionLayout, dims):
+        """Host: the chunk grown to `dims`; `encode_chunk`'s first rows stay the chunk's own."""
+        return pad_chunk_layout(pixels_PC, layout, dims)
 
