@@ -50,8 +50,16 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 
-from sparrow_jax.models.config_io import ConfigError  # noqa: E402 — light (json only)
-from sparrow_jax.models.views import MODE_VIEW  # noqa: E402 — light (numpy only): mode names for --help
+import jax  # noqa: E402 — after HF_HUB_OFFLINE is set
+
+from sparrow_jax import api  # noqa: E402
+from sparrow_jax.decoding.metrics import DEFINITIONS, speed_summary  # noqa: E402
+from sparrow_jax.io.hf_checkpoint import CheckpointError  # noqa: E402
+from sparrow_jax.io.vision_inputs import VisionInputError, _check_regular_file  # noqa: E402
+from sparrow_jax.models.config_io import ConfigError  # noqa: E402
+from sparrow_jax.models.draft import DraftConfigError  # noqa: E402
+from sparrow_jax.models.views import MODE_VIEW  # noqa: E402
+from sparrow_jax.synthetic import demo  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -161,7 +169,6 @@ def settings(args) -> dict:
 
 def check_args(args):
     """Usage errors found from the arguments alone (before anything is read or loaded)."""
-    from sparrow_jax import api  # noqa: PLC0415
 
     try:
         tree = api.check_settings(settings(args), cli_flag)
@@ -192,7 +199,6 @@ def check_writable(path, flag: str):
 
 def check_args_for_target(args, cfg):
     """Usage errors that need the target's config.json (read before any weights)."""
-    from sparrow_jax import api  # noqa: PLC0415
 
     try:
         api.check_for_target({**settings(args), "batch": len(cli_rows(args)[0])}, cfg, cli_flag)
@@ -203,7 +209,6 @@ def check_args_for_target(args, cfg):
 def decode_config(args):
     """The run's one DecodeConfig, from the flags (after demo.resolve_defaults filled the defaults): it
     runs the engine and is written into every JSON line."""
-    from sparrow_jax import api  # noqa: PLC0415
 
     return api.DecodeConfig(
         mode=args.mode, tree=args.tree, max_new_tokens=args.max_new_tokens,
@@ -213,7 +218,6 @@ def decode_config(args):
 
 
 def vision_options(args):
-    from sparrow_jax import api  # noqa: PLC0415
 
     return api.VisionOptions(fps=args.fps, max_frames=args.max_frames, min_pixels=args.min_pixels,
                              max_pixels=args.max_pixels, num_frames=args.num_frames,
@@ -222,7 +226,6 @@ def vision_options(args):
 
 def check_input_files(args):
     """Every --video / --image exists, is a non-empty regular file and is readable (decoding follows)."""
-    from sparrow_jax.io.vision_inputs import VisionInputError, _check_regular_file  # noqa: PLC0415
 
     for flag, paths in (("--video", args.video), ("--image", args.image)):
         for path in paths:
@@ -295,18 +298,11 @@ def main(argv=None):
         tree = check_args(args)
     except UsageError as e:
         fail(e, 2)
-    from sparrow_jax.synthetic import demo  # noqa: PLC0415
 
     sample, notes = demo.resolve_defaults(args)  # shipped target/draft; no inputs: the world sample video
     for note in notes:
         print(f"[decode] {note}", flush=True)
-    import jax  # noqa: PLC0415
 
-    from sparrow_jax import api  # noqa: PLC0415
-    from sparrow_jax.decoding.metrics import DEFINITIONS, speed_summary  # noqa: PLC0415
-    from sparrow_jax.io.hf_checkpoint import CheckpointError  # noqa: PLC0415
-    from sparrow_jax.io.vision_inputs import VisionInputError  # noqa: PLC0415
-    from sparrow_jax.models.draft import DraftConfigError  # noqa: PLC0415
 
     visual_mode = "text_only" if args.mode == "sparrow" else args.mode if args.mode in MODE_VIEW else None
     try:

@@ -23,6 +23,15 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import jax  # noqa: E402 — after HF_HUB_OFFLINE is set
+
+from sparrow_jax.io.draft_checkpoint import export_official, save_draft, target_embedding  # noqa: E402
+from sparrow_jax.models.target import default_m_star  # noqa: E402
+from sparrow_jax.synthetic.sources import sample_source  # noqa: E402
+from sparrow_jax.training.checkpoint_guard import CheckpointDamagedError, NonFiniteError  # noqa: E402
+from sparrow_jax.training.features import extract_features  # noqa: E402
+from sparrow_jax.training.target_trainer import TargetTrainer  # noqa: E402
+from sparrow_jax.training.trainer import Trainer, TrainConfig, load_target  # noqa: E402
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,16 +55,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import jax  # noqa: PLC0415
 
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     elif args.distributed:
         jax.distributed.initialize()
-    from sparrow_jax.synthetic.sources import sample_source  # noqa: PLC0415
-    from sparrow_jax.models.target import default_m_star  # noqa: PLC0415
-    from sparrow_jax.training.features import extract_features  # noqa: PLC0415
-    from sparrow_jax.training.trainer import Trainer, TrainConfig, load_target  # noqa: PLC0415
 
     try:
         cfg = TrainConfig.from_file_and_overrides(args.config, args.set)
@@ -86,7 +90,6 @@ def main(argv=None):
     if history and jax.process_index() == 0:
         print(f"[train] step {trainer.step}: " + json.dumps({k: round(v, 5) for k, v in history[-1].items()}))
     if args.export and jax.process_index() == 0:
-        from sparrow_jax.io.draft_checkpoint import export_official, save_draft, target_embedding  # noqa: PLC0415
 
         try:
             trainer.check_finite_params("draft")
@@ -103,9 +106,7 @@ def main(argv=None):
 def train_target(cfg, args):
     """task=target: train the target itself (vision tower + LM) on answer tokens; --export writes a HF
     checkpoint directory (config.json, model.safetensors, generation_config.json, tokenizer files)."""
-    import jax  # noqa: PLC0415
 
-    from sparrow_jax.training.target_trainer import TargetTrainer  # noqa: PLC0415
 
     trainer = TargetTrainer(cfg)
     history = run_or_exit(trainer, args)
@@ -121,7 +122,6 @@ def train_target(cfg, args):
 def run_or_exit(trainer, args):
     """trainer.run; a run that cannot resume (no checkpoint verifies) or that turned non-finite ends with
     one line (exit 1), nothing exported."""
-    from sparrow_jax.training.checkpoint_guard import CheckpointDamagedError, NonFiniteError  # noqa: PLC0415
 
     try:
         return trainer.run(progress=not args.no_progress, stop_at=args.stop_at)
