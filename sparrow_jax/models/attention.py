@@ -31,6 +31,7 @@ from pallas_kernels import dispatch
 DENSE_SCORE_LIMIT = 1 << 25
 Q_BLOCK = 512
 KV_BLOCK = 512
+DECODE_KV_BLOCK = 512  # cache keys per chunk of `cached_attention` (XLA:CPU's GEMMs are fastest near here)
 
 
 @jax.tree_util.register_dataclass
@@ -110,9 +111,11 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=N
 def _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None):
     B, T, H, _ = q_BTHE.shape
     S = k_BSKE.shape[1]
-    if block_k is None and B * H * T * S > DENSE_SCORE_LIMIT:
+    if block_k is not None:  # verify / decode over a cache
+        return cached_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+    if B * H * T * S > DENSE_SCORE_LIMIT:
         return blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask)
-    return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+    return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask)
 
 
 @dispatch.routed("xla")
@@ -166,6 +169,53 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
         p = _masked_softmax(s_BKGTS, m)
         o = jnp.einsum("bkgts,bske->btkge", p.astype(v_BSKE.dtype), v_BSKE)
     return o.reshape(B, T, H, E).astype(q_BTHE.dtype)
+
+
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK):
+    """Verify / decode (xla): the committed cache read in chunks of `kv_block` keys, only up to the
+    longest row's committed length (a dynamic trip count: the cost follows the committed length, not
+    the capacity bucket), with an online softmax; then the new block under its mask. Equals
+    `dense_attention` up to fp32 rounding. Queries are grouped per KV head as [B, K, G*T, E] once, so
+    each chunk is two batched GEMMs on a contiguous [B, kv_block, K, E] slice of the cache: the dense
+    path's einsums over the whole [B, S, K, E] cache run XLA:CPU's slow dot path (roofline: 5-15x)."""
+    if mask.key_visible_BS is not None or mask.causal:
+        raise ValueError("cached_attention covers kv_len_B + block_mask_BTN only (use dense_attention)")
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    G = H // K
+    kb = min(kv_block, S)
+    scale = 1.0 / math.sqrt(E)
+    q_BKME = _group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)  # row m = g * T + t
+    kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
+
+    def online(carry, s_BKMS, vis, v_BSKE_c):
+        m_i, l_i, acc = carry
+        s_BKMS = jnp.where(vis, s_BKMS, -jnp.inf)
+        m_new = jnp.maximum(m_i, jnp.max(s_BKMS, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s_BKMS - m_safe[..., None]) * vis
+        corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
+        acc = acc * corr[..., None] + jnp.einsum("bkms,bske->bkme", p.astype(v_BSKE_c.dtype), v_BSKE_c,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
+
+    def chunk(i, carry):
+        start = jnp.minimum(i * kb, S - kb)  # the last chunk may overlap the one before: masked below
+        k_c = jax.lax.dynamic_slice_in_dim(k_BSKE, start, kb, axis=1)
+        v_c = jax.lax.dynamic_slice_in_dim(v_BSKE, start, kb, axis=1)
+        s = jnp.einsum("bkme,bske->bkms", q_BKME, k_c, preferred_element_type=jnp.float32) * scale
+        idx = start + jnp.arange(kb)
+        vis = ((idx[None] < kv_len_B[:, None]) & (idx[None] >= i * kb))[:, None, None, :]
+        return online(carry, s, vis, v_c)
+
+    init = (jnp.full((B, K, G * T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G * T), jnp.float32),
+            jnp.zeros((B, K, G * T, E), jnp.float32))
+    carry = jax.lax.fori_loop(0, (jnp.max(kv_len_B) + kb - 1) // kb, chunk, init)
+    s_blk = jnp.einsum("bkme,bnke->bkmn", q_BKME, block_k, preferred_element_type=jnp.float32) * scale
+    vis_blk = jnp.tile(mask.block_mask_BTN.astype(bool), (1, G, 1))[:, None]  # [B, 1, G*T, N]
+    _, l_f, acc = online(carry, s_blk, vis_blk, block_v)
+    o_BKME = acc / jnp.maximum(l_f, 1e-30)[..., None]
+    return o_BKME.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BTHE.dtype)
 
 
 def _pad_axis(x, axis, multiple):
