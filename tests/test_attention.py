@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparrow_jax.models.attention import MaskSpec, blockwise_attention, dense_attention
+from sparrow_jax.models import attention as attn_lib
+from sparrow_jax.models.attention import MaskSpec, blockwise_attention, cached_attention, dense_attention
 
 
 def _qkv(seed, B, T, S, H, K, E):
@@ -92,3 +93,34 @@ def test_cache_plus_block_tree_mask():
     # Single visible key: zero-length cache row, root node sees only itself -> output = its value.
     lone = dense_attention(q, ck, cv, MaskSpec(kv_len_B=jnp.asarray([0, 0]), block_mask_BTN=tree), block_k=bk, block_v=bv)
     np.testing.assert_allclose(np.asarray(lone)[:, 0], np.repeat(np.asarray(bv)[:, 0], H // K, axis=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("B,N,S,H,K,E,kb,lens", [
+    (2, 5, 37, 4, 2, 8, 8, [7, 37]),    # several chunks, S not a chunk multiple (clamped last chunk), GQA 2
+    (3, 1, 20, 6, 1, 16, 16, [0, 1, 17]),  # AR step (one node), MQA, an empty row
+    (1, 9, 64, 2, 2, 8, 128, [40]),     # one chunk wider than the cache
+])
+def test_cached_attention_equals_dense(B, N, S, H, K, E, kb, lens):
+    """The verify / decode path (chunks up to the longest committed length, online softmax) equals
+    the dense reference for tree masks, per-row lengths and chunk edges; it is what `attention` runs
+    for a cache + block on the xla path. Keys past each row's length never matter (overwritten here)."""
+    q, ck, cv = _qkv(5, B, N, S, H, K, E)
+    _, bk, bv = _qkv(6, B, N, N, H, K, E)
+    lens = jnp.asarray(lens)
+    tree = jax.random.bernoulli(jax.random.key(7), 0.5, (B, N, N)) | jnp.eye(N, dtype=bool)[None]
+    mask = MaskSpec(kv_len_B=lens, block_mask_BTN=tree)
+    ref = dense_attention(q, ck, cv, mask, block_k=bk, block_v=bv)
+    stale = jnp.arange(S)[None, :, None, None] >= lens[:, None, None, None]
+    ck, cv = jnp.where(stale, 1e4, ck), jnp.where(stale, -1e4, cv)
+    out = jax.jit(lambda q, k, v, m, bk, bv: cached_attention(q, k, v, m, block_k=bk, block_v=bv, kv_block=kb))(
+        q, ck, cv, mask, bk, bv)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
+    for impl in (attn_lib.XLA, attn_lib.AttentionImpl(cache_block=kb), attn_lib.AttentionImpl(cache_block=0)):
+        routed = attn_lib.attention(q, ck, cv, mask, block_k=bk, block_v=bv, impl=impl)
+        np.testing.assert_allclose(np.asarray(routed), np.asarray(ref), atol=2e-6, rtol=1e-5)
+
+
+def test_cache_block_is_validated():
+    for bad in (-1, 1.5, None):
+        with pytest.raises(ValueError, match="cache_block"):
+            attn_lib.AttentionImpl(cache_block=bad)

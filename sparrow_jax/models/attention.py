@@ -31,6 +31,7 @@ from pallas_kernels import dispatch
 DENSE_SCORE_LIMIT = 1 << 25
 Q_BLOCK = 512
 KV_BLOCK = 512
+DECODE_KV_BLOCK = 1024  # cache keys per chunk of `cached_attention` (a chunk's K/V, transposed, stays in L2)
 
 
 @jax.tree_util.register_dataclass
@@ -55,12 +56,15 @@ IMPL_KINDS = ("xla", "pallas")
 class AttentionImpl:
     """Which attention implementation the models run (hashable: a static jit argument).
 
-    kind "xla": plain jnp (dense, blockwise past `DENSE_SCORE_LIMIT`). kind "pallas": the kernels of
-    `pallas_kernels`, routed per call by shape (`dispatch.route`), with `blocks`' block sizes (None: the
-    backend's defaults, `dispatch.default_config()`, resolved at trace time)."""
+    kind "xla": plain jnp (dense, blockwise past `DENSE_SCORE_LIMIT`; verify / decode over a cache in
+    chunks of `cache_block` keys, `cached_attention`, or dense over the whole capacity with 0: the
+    reference). kind "pallas": the kernels of `pallas_kernels`, routed per call by shape
+    (`dispatch.route`), with `blocks`' block sizes (None: the backend's defaults,
+    `dispatch.default_config()`, resolved at trace time); a call they cannot take runs the xla path."""
 
     kind: str = "xla"
     blocks: dispatch.DispatchConfig | None = None
+    cache_block: int = DECODE_KV_BLOCK
 
     def __post_init__(self):
         if self.kind not in IMPL_KINDS:
@@ -69,6 +73,9 @@ class AttentionImpl:
             raise ValueError(f"attention impl {self.kind!r}: block sizes are for kind 'pallas' only")
         if self.blocks is not None and not isinstance(self.blocks, dispatch.DispatchConfig):
             raise TypeError(f"attention impl blocks {self.blocks!r}: expected a dispatch.DispatchConfig")
+        if not isinstance(self.cache_block, int) or self.cache_block < 0:
+            raise ValueError(f"attention impl cache_block {self.cache_block!r}: expected an int >= 0 "
+                             "(keys per chunk of a cache read; 0 = dense over the whole capacity)")
 
     @classmethod
     def of(cls, value: AttentionImpl | str) -> AttentionImpl:
@@ -103,22 +110,27 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=N
             return dispatch.run_kernel(name, q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
                                        config=cfg)
         dispatch.log_fallback(reason)
-        return _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask, block_k, block_v)
-    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+        return _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask, block_k, block_v, cache_block=impl.cache_block)
+    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=impl.cache_block)
 
 
-def _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None):
+def _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None,
+                   cache_block: int = DECODE_KV_BLOCK):
     B, T, H, _ = q_BTHE.shape
     S = k_BSKE.shape[1]
-    if block_k is None and B * H * T * S > DENSE_SCORE_LIMIT:
+    if block_k is not None:  # verify / decode over a cache
+        if cache_block == 0 or mask.causal:
+            return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+        return cached_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, kv_block=cache_block)
+    if B * H * T * S > DENSE_SCORE_LIMIT:
         return blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask)
-    return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+    return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask)
 
 
-@dispatch.routed("xla")
-def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v):
+@dispatch.routed("xla", static_argnames=("cache_block",))
+def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v, *, cache_block: int):
     """The XLA path for a call the kernels cannot take (named, so `dispatch.routes_in` sees it)."""
-    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
+    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=cache_block)
 
 
 def _group(q_BTHE, num_kv_heads):
@@ -166,6 +178,54 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
         p = _masked_softmax(s_BKGTS, m)
         o = jnp.einsum("bkgts,bske->btkge", p.astype(v_BSKE.dtype), v_BSKE)
     return o.reshape(B, T, H, E).astype(q_BTHE.dtype)
+
+
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK):
+    """Verify / decode (xla): the committed cache read in chunks of `kv_block` keys, only up to the
+    longest row's committed length (a dynamic trip count: the cost follows the committed length, not
+    the capacity bucket), with an online softmax; then the new block under its mask. Equals
+    `dense_attention` up to fp32 rounding. Queries are grouped per KV head as [B, K, G*T, E] once and
+    each chunk is transposed to [B, K, kv_block, E] (cache-resident), so both products are batched
+    GEMMs with the batch dims leading: einsums over the [B, S, K, E] cache with K in the middle make
+    XLA:CPU transpose the whole cache, or run its slow dot path (roofline section of BENCHMARKS)."""
+    if mask.key_visible_BS is not None or mask.causal:
+        raise ValueError("cached_attention covers kv_len_B + block_mask_BTN only (use dense_attention)")
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    G = H // K
+    kb = min(kv_block, S)
+    q_BKME = (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)  # row m = g * T + t
+              * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
+    kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
+    heads_first = lambda x_BSKE: x_BSKE.transpose(0, 2, 1, 3)  # noqa: E731  [B, S, K, E] -> [B, K, S, E]
+
+    def online(carry, k_BKSE, v_BKSE, vis_BKMS):
+        m_i, l_i, acc = carry
+        s_BKMS = jnp.einsum("bkme,bkse->bkms", q_BKME, k_BKSE, preferred_element_type=jnp.float32)
+        s_BKMS = jnp.where(vis_BKMS, s_BKMS, -jnp.inf)
+        m_new = jnp.maximum(m_i, jnp.max(s_BKMS, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s_BKMS - m_safe[..., None]) * vis_BKMS
+        corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
+        acc = acc * corr[..., None] + jnp.einsum("bkms,bkse->bkme", p.astype(v_BKSE.dtype), v_BKSE,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
+
+    def chunk(i, carry):
+        start = jnp.minimum(i * kb, S - kb)  # the last chunk may overlap the one before: masked below
+        k_c = heads_first(jax.lax.dynamic_slice_in_dim(k_BSKE, start, kb, axis=1))
+        v_c = heads_first(jax.lax.dynamic_slice_in_dim(v_BSKE, start, kb, axis=1))
+        idx = start + jnp.arange(kb)
+        vis = ((idx[None] < kv_len_B[:, None]) & (idx[None] >= i * kb))[:, None, None, :]
+        return online(carry, k_c, v_c, vis)
+
+    init = (jnp.full((B, K, G * T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G * T), jnp.float32),
+            jnp.zeros((B, K, G * T, E), jnp.float32))
+    carry = jax.lax.fori_loop(0, (jnp.max(kv_len_B) + kb - 1) // kb, chunk, init)
+    vis_blk = jnp.tile(mask.block_mask_BTN.astype(bool), (1, G, 1))[:, None]  # [B, 1, G*T, N]
+    _, l_f, acc = online(carry, heads_first(block_k), heads_first(block_v), vis_blk)
+    o_BKME = acc / jnp.maximum(l_f, 1e-30)[..., None]
+    return o_BKME.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BTHE.dtype)
 
 
 def _pad_axis(x, axis, multiple):
