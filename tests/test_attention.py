@@ -99,6 +99,8 @@ def test_cache_plus_block_tree_mask():
     (2, 5, 37, 4, 2, 8, 8, [7, 37]),    # several chunks, S not a chunk multiple (clamped last chunk), GQA 2
     (3, 1, 20, 6, 1, 16, 16, [0, 1, 17]),  # AR step (one node), MQA, an empty row
     (1, 9, 64, 2, 2, 8, 128, [40]),     # one chunk wider than the cache
+    (2, 1, 45, 4, 2, 8, 16, [45, 3]),   # AR step, GQA 2: the block-diagonal GEMM form (K*G*T <= 8)
+    (2, 2, 33, 2, 2, 16, 8, [9, 33]),   # a 2-node chain, MHA: GEMM form
 ])
 def test_cached_attention_equals_dense(B, N, S, H, K, E, kb, lens):
     """The verify / decode path (chunks up to the longest committed length, online softmax) equals
