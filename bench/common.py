@@ -9,7 +9,10 @@ import platform
 import resource
 import shlex
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
 
 
 def environment() -> dict:
@@ -26,6 +29,19 @@ def environment() -> dict:
         "flax": flax.__version__,
         "python": platform.python_version(),
     }
+
+
+def median_time(fn, repeats: int) -> float:
+    """Median wall seconds of `fn()` (its result blocked on) over `repeats` calls after one compile/warm-up call."""
+    import jax  # noqa: PLC0415
+
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
 
 
 def peak_rss_gib() -> float:

@@ -22,10 +22,7 @@ import dataclasses
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
@@ -33,21 +30,11 @@ sys.path.insert(0, str(HERE.parent))
 
 import jax  # noqa: E402
 
-from common import environment, write_jsonl  # noqa: E402
+from common import environment, median_time, write_jsonl  # noqa: E402
 from sparrow_jax import api  # noqa: E402
 from sparrow_jax.decoding.autoregressive import cache_capacity  # noqa: E402
 from sparrow_jax.models import attention as attn_lib, registry, target as tg  # noqa: E402
 from sparrow_jax.synthetic import demo, world as W  # noqa: E402
-
-
-def median_s(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def run(args) -> list[dict]:
@@ -83,7 +70,7 @@ def run(args) -> list[dict]:
     records = []
     defaults = dict(attn_lib.blockwise_attention.__kwdefaults__)
     for name, fn in stages.items():
-        s = median_s(fn, args.repeats)
+        s = median_time(fn, args.repeats)
         rec = {**common, "cell": name, "blocks": f"{defaults['q_block']}/{defaults['kv_block']}", "seconds_median": s}
         records.append(rec)
         print(f"[prefill_profile] {name:<12} {s:8.3f} s", flush=True)
@@ -97,7 +84,7 @@ def run(args) -> list[dict]:
                 attn_lib.DENSE_SCORE_LIMIT = limit
                 attn_lib.blockwise_attention.__kwdefaults__ = {"q_block": q, "kv_block": kv}
             jax.clear_caches()  # the block sizes are read at trace time
-            s = median_s(lm, args.repeats)
+            s = median_time(lm, args.repeats)
             records.append({**common, "cell": "lm_prefill", "blocks": blocks, "seconds_median": s})
             print(f"[prefill_profile] lm_prefill   {s:8.3f} s  blocks {blocks}", flush=True)
     finally:

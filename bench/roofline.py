@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, peak_rss_gib, write_jsonl  # noqa: E402
+from common import environment, median_time, peak_rss_gib, write_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,18 +93,6 @@ def step_cost(params, cfg, nodes: int, committed: int, batch: int):
     attn_flops = 4 * nodes * t.num_attention_heads * t.head_dim * (committed + nodes) * t.num_hidden_layers
     flops = batch * (2 * nodes * matmul_params + attn_flops)
     return dict(weight_bytes=layers_bytes + head_bytes, kv_bytes=kv_bytes, flops=flops)
-
-
-def median_time(fn, repeats: int) -> float:
-    import jax  # noqa: PLC0415
-
-    jax.block_until_ready(fn())
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def measure_rates(stream_mib: int, matmul_n: int, repeats: int) -> dict:
