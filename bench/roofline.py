@@ -156,10 +156,11 @@ def run(args) -> list[dict]:
     from sparrow_jax.decoding import autoregressive, engine  # noqa: PLC0415
     from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
     from sparrow_jax.models import kv_cache, target as tg  # noqa: PLC0415
-    from sparrow_jax.models.attention import DECODE_KV_BLOCK, AttentionImpl  # noqa: PLC0415
+    from sparrow_jax.models.attention import DECODE_KV_BLOCK, GEMM_MAX_COLUMNS, AttentionImpl  # noqa: PLC0415
     from sparrow_jax.models.qwen2_5_vl import Qwen25VL  # noqa: PLC0415
 
-    impls = {cb: AttentionImpl(args.impl, cache_block=cb) for cb in (args.cache_blocks or [DECODE_KV_BLOCK])}
+    impls = {(cb, gc): AttentionImpl(args.impl, cache_block=cb, gemm_columns=gc)
+             for cb in (args.cache_blocks or [DECODE_KV_BLOCK]) for gc in (args.gemm_columns or [GEMM_MAX_COLUMNS])}
     trees = [TreeSpec.parse(t) for t in args.trees]
     slack = max([engine.EngineConfig(tree=t, max_new_tokens=args.max_new_tokens).cache_slack for t in trees] + [1])
     if args.ar_steps + 1 > args.max_new_tokens or args.verify_rounds * max([t.max_draft_tokens for t in trees] + [0]) > slack + args.max_new_tokens:
@@ -208,8 +209,9 @@ def run(args) -> list[dict]:
                 ks.append(jax.random.normal(a, shape, jnp.float32))
                 vs.append(jax.random.normal(b, shape, jnp.float32))
             template = kv_cache.KVCache(tuple(ks), tuple(vs), jnp.full((B,), committed, jnp.int32))
-            for cb, impl in impls.items():
-                base = dict(committed=committed, capacity=capacity, template=template, cache_block=cb, impl=impl)
+            for (cb, gc), impl in impls.items():
+                base = dict(committed=committed, capacity=capacity, template=template, cache_block=cb,
+                            gemm_columns=gc, impl=impl)
                 cells.append(dict(base, step="ar", nodes=1, tree=None))
                 for spec in trees:
                     cells.append(dict(base, step="verify", nodes=spec.total_tokens, tree=str(spec),
@@ -244,7 +246,7 @@ def run(args) -> list[dict]:
             lo, hi = counts(cell)
             cell["first_call_s"] = round(call(cell, lo) + call(cell, hi), 3)
             print(f"[roofline] {name}: compiled {cell['step']} {cell['tree'] or ''} P={cell['committed']} "
-                  f"cache_block={cell['cache_block']} "
+                  f"cache_block={cell['cache_block']} gemm_columns={cell['gemm_columns']} "
                   f"cap={cell['capacity']} ({i + 1}/{len(cells)}, {cell['first_call_s']} s)", flush=True)
             cell["lo"], cell["hi"] = [], []
         for r in range(args.repeats):  # interleaved: every cell sees the same machine conditions
@@ -275,7 +277,7 @@ def run(args) -> list[dict]:
             flop_s = cost["flops"] / rates["matmul_flops_per_s"]
             floor = max(mem_s, flop_s)
             step_ms = float(np.median(per)) * 1e3
-            rec = {**common, "cache_block": cell["cache_block"], "step": cell["step"], "tree": cell["tree"],
+            rec = {**common, "cache_block": cell["cache_block"], "gemm_columns": cell["gemm_columns"], "step": cell["step"], "tree": cell["tree"],
                    "nodes": cell["nodes"],
                    "committed": cell["committed"], "capacity": cell["capacity"],
                    "probe": cell["capacity"] != autoregressive.cache_capacity(tg.bucket(cell["committed"]),
@@ -289,23 +291,33 @@ def run(args) -> list[dict]:
                    "peak_rss_gib": round(peak_rss_gib(), 2)}
             records.append(rec)
             write_jsonl(args.jsonl, rec)
-        ar = {(r["cache_block"], r["committed"]): r["step_ms"] for r in records
+        ar = {(variant(r), r["committed"]): r["step_ms"] for r in records
               if r["config"] == name and r["step"] == "ar" and not r["probe"]}
         for r in records:
-            if r["config"] == name and not r["probe"] and (r["cache_block"], r["committed"]) in ar:
-                r["vs_ar"] = round(r["step_ms"] / ar[r["cache_block"], r["committed"]], 3)
+            if r["config"] == name and not r["probe"] and (variant(r), r["committed"]) in ar:
+                r["vs_ar"] = round(r["step_ms"] / ar[variant(r), r["committed"]], 3)
         del model, tparams, cells
     return records
 
 
+def variant(r) -> tuple:
+    """The attention settings a record was timed with (older records have no gemm_columns)."""
+    return r.get("cache_block"), r.get("gemm_columns")
+
+
+def variant_label(v) -> str:
+    cb, gc = v
+    return f"chunk {cb}" + (f", GEMM <= {gc} cols" if gc is not None else "")
+
+
 def print_table(records):
-    hdr = (f"{'config':<18} {'step':<13} {'chunk':>5} {'P':>6} {'cap':>6} {'ms':>9} {'floor ms':>9} {'bound':>7} "
+    hdr = (f"{'config':<18} {'step':<13} {'chunk':>5} {'gemm':>5} {'P':>6} {'cap':>6} {'ms':>9} {'floor ms':>9} {'bound':>7} "
            f"{'ratio':>6} {'vs AR':>6}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in records:
         step = r["step"] if r["step"] == "ar" else f"v {r['tree']}"
         vs = f"{r['vs_ar']:.2f}" if "vs_ar" in r else ""
-        print(f"{r['config']:<18} {step:<13} {r.get('cache_block', ''):>5} {r['committed']:>6} {r['capacity']:>6} {r['step_ms']:>9.3f} "
+        print(f"{r['config']:<18} {step:<13} {r.get('cache_block', ''):>5} {r.get('gemm_columns', ''):>5} {r['committed']:>6} {r['capacity']:>6} {r['step_ms']:>9.3f} "
               f"{r['floor_ms']:>9.3f} {r['bound']:>7} {r['ratio']:>6.2f} {vs:>6}" + ("  (probe)" if r["probe"] else ""))
 
 
@@ -322,24 +334,24 @@ def plot(records, path):
     fig, axes = plt.subplots(2, len(configs), figsize=(5 * len(configs), 7.5), squeeze=False)
     for j, name in enumerate(configs):
         rs = [r for r in records if r["config"] == name and not r["probe"]]
-        steps = list(dict.fromkeys((r["step"], r["tree"], r.get("cache_block")) for r in rs))
+        steps = list(dict.fromkeys((r["step"], r["tree"], variant(r)) for r in rs))
         several = len({cb for _, _, cb in steps}) > 1
         for k, (step, tree, cb) in enumerate(steps):
-            cs = sorted((r for r in rs if (r["step"], r["tree"], r.get("cache_block")) == (step, tree, cb)),
+            cs = sorted((r for r in rs if (r["step"], r["tree"], variant(r)) == (step, tree, cb)),
                         key=lambda r: r["committed"])
             x = [r["committed"] for r in cs]
-            label = ("AR step" if step == "ar" else f"verify {tree}") + (f", chunk {cb}" if several else "")
+            label = ("AR step" if step == "ar" else f"verify {tree}") + (f", {variant_label(cb)}" if several else "")
             line, = axes[0, j].plot(x, [r["step_ms"] for r in cs], marker="o", label=label)
             axes[0, j].plot(x, [r["floor_ms"] for r in cs], ls="--", color=line.get_color(), lw=1,
                             label=f"{label} floor")
             axes[1, j].plot(x, [r["ratio"] for r in cs], marker="o", label=label)
-        for cb in dict.fromkeys(r.get("cache_block") for r in rs):
+        for cb in dict.fromkeys(variant(r) for r in rs):
             probe = sorted((r for r in records if r["config"] == name and r["probe"] and r["step"] == "ar"
-                            and r.get("cache_block") == cb), key=lambda r: r["capacity"])
+                            and variant(r) == cb), key=lambda r: r["capacity"])
             if probe:
                 axes[0, j].plot([r["capacity"] for r in probe], [r["step_ms"] for r in probe], marker="x", ls=":",
                                 label=f"AR step, P={probe[0]['committed']}, x = capacity"
-                                      + (f", chunk {cb}" if several else ""))
+                                      + (f", {variant_label(cb)}" if several else ""))
         axes[0, j].set_yscale("log")
         axes[0, j].set_ylabel("ms per step (median)")
         axes[0, j].set_title(f"{name} (L={rs[0]['lm_layers']}, D={rs[0]['hidden']}, KV heads {rs[0]['kv_heads']})",
@@ -382,7 +394,7 @@ def plot_pil(records, path):
            fill="black")
     for j, name in enumerate(configs):
         rs = [r for r in records if r["config"] == name and not r["probe"]]
-        steps = list(dict.fromkeys((r["step"], r["tree"], r.get("cache_block")) for r in rs))
+        steps = list(dict.fromkeys((r["step"], r["tree"], variant(r)) for r in rs))
         xs = sorted({r["committed"] for r in rs})
         lx0, lx1 = math.log2(xs[0]) - 0.3, math.log2(xs[-1]) + 0.3
         for row, (field, logy) in enumerate((("step_ms", True), ("ratio", False))):
@@ -410,7 +422,7 @@ def plot_pil(records, path):
             if row == 1:
                 d.line([xy(xs[0], 1.0), xy(xs[-1], 1.0)], fill=(150, 150, 150))
             for k, (step, tree, cb) in enumerate(steps):
-                cs = sorted((r for r in rs if (r["step"], r["tree"], r.get("cache_block")) == (step, tree, cb)),
+                cs = sorted((r for r in rs if (r["step"], r["tree"], variant(r)) == (step, tree, cb)),
                             key=lambda r: r["committed"])
                 col = COLORS[k % len(COLORS)]
                 pts = [xy(r["committed"], r[field]) for r in cs if r[field] > 0]
@@ -424,7 +436,7 @@ def plot_pil(records, path):
                             d.line([(a[0] + (b[0] - a[0]) * t0, a[1] + (b[1] - a[1]) * t0),
                                     (a[0] + (b[0] - a[0]) * (t0 + 0.1), a[1] + (b[1] - a[1]) * (t0 + 0.1))], fill=col)
                 d.text((ox + M + 8, oy + 28 + 13 * k), ("AR step" if step == "ar" else f"verify {tree}")
-                       + (f", chunk {cb}" if len({c for _, _, c in steps}) > 1 else ""), fill=col)
+                       + (f", {variant_label(cb)}" if len({c for _, _, c in steps}) > 1 else ""), fill=col)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     print(f"plot: {path}")
@@ -449,6 +461,9 @@ def build_parser():
     ap.add_argument("--cache-blocks", type=int, nargs="+", default=None,
                     help="cache keys per chunk of the xla verify/decode attention, each its own cells in the same "
                          "run (0 = dense over the whole capacity, the reference); default: the library's")
+    ap.add_argument("--gemm-columns", type=int, nargs="+", default=None,
+                    help="query columns (KV heads x group x nodes) up to which a cache read runs as plain GEMMs, "
+                         "each its own cells (crossed with --cache-blocks); default: the library's")
     ap.add_argument("--label", default="", help="names the code measured in each record (field `code`), e.g. for "
                     "before/after runs of two checkouts")
     ap.add_argument("--stream-mib", type=int, default=512, help="array size of the bandwidth probe")

@@ -117,7 +117,9 @@ def test_cached_attention_equals_dense(B, N, S, H, K, E, kb, lens):
     out = jax.jit(lambda q, k, v, m, bk, bv: cached_attention(q, k, v, m, block_k=bk, block_v=bv, kv_block=kb))(
         q, ck, cv, mask, bk, bv)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
-    for impl in (attn_lib.XLA, attn_lib.AttentionImpl(cache_block=kb), attn_lib.AttentionImpl(cache_block=0)):
+    for impl in (attn_lib.XLA, attn_lib.AttentionImpl(cache_block=kb), attn_lib.AttentionImpl(cache_block=0),
+                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=0),  # transposed chunks at every size
+                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20)):  # GEMMs at every size
         routed = attn_lib.attention(q, ck, cv, mask, block_k=bk, block_v=bv, impl=impl)
         np.testing.assert_allclose(np.asarray(routed), np.asarray(ref), atol=2e-6, rtol=1e-5)
 
@@ -126,3 +128,5 @@ def test_cache_block_is_validated():
     for bad in (-1, 1.5, None):
         with pytest.raises(ValueError, match="cache_block"):
             attn_lib.AttentionImpl(cache_block=bad)
+        with pytest.raises(ValueError, match="gemm_columns"):
+            attn_lib.AttentionImpl(gemm_columns=bad)

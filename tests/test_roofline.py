@@ -38,16 +38,16 @@ def test_records_are_sane_and_time_the_engine_functions(small_config, tmp_path, 
     monkeypatch.setattr(tg, "verify_fn", spy)
     out = tmp_path / "r.jsonl"
     records = roofline.main(["--configs", f"{small_config}@1", "--lengths", "64", "192", "--trees", "8-2-2",
-                             "--probe-capacity", "--cache-blocks", "0", "64", "--repeats", "1", "--ar-steps", "2", "--verify-rounds", "1",
+                             "--probe-capacity", "--cache-blocks", "64", "--gemm-columns", "0", "16", "--repeats", "1", "--ar-steps", "2", "--verify-rounds", "1",
                              "--stream-mib", "8", "--matmul-n", "64", "--jsonl", str(out), "--plot", ""])
     assert set(blocks) == {1, 8}  # AR's one-node step and the tree's verify both went through verify_fn
     assert [json.loads(line) for line in out.read_text().splitlines()] == [
         {k: v for k, v in r.items() if k != "vs_ar"} for r in records]
-    cells = [(r["step"], r["committed"], r["probe"], r["cache_block"]) for r in records]
+    cells = [(r["step"], r["committed"], r["probe"], r["cache_block"], r["gemm_columns"]) for r in records]
     assert len(cells) == len(set(cells)) and set(cells) == {
-        (s, p, probe, cb) for cb in (0, 64) for s in ("ar", "verify")
-        for p, probe in ((64, False), (192, False), (64, True))}  # each chunk size (0 = dense) its own cells
-    assert all("vs_ar" in r for r in records if not r["probe"])  # each against the AR step of its chunk size
+        (s, p, probe, 64, gc) for gc in (0, 16) for s in ("ar", "verify")
+        for p, probe in ((64, False), (192, False), (64, True))}  # each setting (transposed chunks / GEMMs) its own cells
+    assert all("vs_ar" in r for r in records if not r["probe"])  # each against the AR step of its setting
     E, K, L = 32, 1, 1  # head_dim 64 / 2 heads, kv heads, LM layers (@1)
     for r in records:
         assert r["ar_fn"] == "sparrow_jax.decoding.autoregressive.ar_generate"

@@ -61,13 +61,15 @@ class AttentionImpl:
 
     kind "xla": plain jnp (dense, blockwise past `DENSE_SCORE_LIMIT`; verify / decode over a cache in
     chunks of `cache_block` keys, `cached_attention`, or dense over the whole capacity with 0: the
-    reference). kind "pallas": the kernels of `pallas_kernels`, routed per call by shape
+    reference; blocks of at most `gemm_columns` query columns (K*G*T) by plain GEMMs on the cache's own
+    layout, larger ones on transposed chunks). kind "pallas": the kernels of `pallas_kernels`, routed per call by shape
     (`dispatch.route`), with `blocks`' block sizes (None: the backend's defaults,
     `dispatch.default_config()`, resolved at trace time); a call they cannot take runs the xla path."""
 
     kind: str = "xla"
     blocks: dispatch.DispatchConfig | None = None
     cache_block: int = DECODE_KV_BLOCK
+    gemm_columns: int = GEMM_MAX_COLUMNS
 
     def __post_init__(self):
         if self.kind not in IMPL_KINDS:
@@ -79,6 +81,9 @@ class AttentionImpl:
         if not isinstance(self.cache_block, int) or self.cache_block < 0:
             raise ValueError(f"attention impl cache_block {self.cache_block!r}: expected an int >= 0 "
                              "(keys per chunk of a cache read; 0 = dense over the whole capacity)")
+        if not isinstance(self.gemm_columns, int) or self.gemm_columns < 0:
+            raise ValueError(f"attention impl gemm_columns {self.gemm_columns!r}: expected an int >= 0 (query "
+                             "columns K*G*T up to which a cache read runs as plain GEMMs; 0 = never)")
 
     @classmethod
     def of(cls, value: AttentionImpl | str) -> AttentionImpl:
@@ -113,27 +118,31 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=N
             return dispatch.run_kernel(name, q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
                                        config=cfg)
         dispatch.log_fallback(reason)
-        return _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask, block_k, block_v, cache_block=impl.cache_block)
-    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=impl.cache_block)
+        return _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask, block_k, block_v, cache_block=impl.cache_block,
+                             gemm_columns=impl.gemm_columns)
+    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=impl.cache_block,
+                          gemm_columns=impl.gemm_columns)
 
 
 def _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None,
-                   cache_block: int = DECODE_KV_BLOCK):
+                   cache_block: int = DECODE_KV_BLOCK, gemm_columns: int = GEMM_MAX_COLUMNS):
     B, T, H, _ = q_BTHE.shape
     S = k_BSKE.shape[1]
     if block_k is not None:  # verify / decode over a cache
         if cache_block == 0 or mask.causal:
             return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
-        return cached_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, kv_block=cache_block)
+        return cached_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, kv_block=cache_block,
+                                gemm_columns=gemm_columns)
     if B * H * T * S > DENSE_SCORE_LIMIT:
         return blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask)
     return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask)
 
 
-@dispatch.routed("xla", static_argnames=("cache_block",))
-def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v, *, cache_block: int):
+@dispatch.routed("xla", static_argnames=("cache_block", "gemm_columns"))
+def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v, *, cache_block: int, gemm_columns: int):
     """The XLA path for a call the kernels cannot take (named, so `dispatch.routes_in` sees it)."""
-    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=cache_block)
+    return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=cache_block,
+                          gemm_columns=gemm_columns)
 
 
 def _group(q_BTHE, num_kv_heads):
@@ -183,7 +192,8 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
     return o.reshape(B, T, H, E).astype(q_BTHE.dtype)
 
 
-def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK):
+def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK,
+                     gemm_columns: int = GEMM_MAX_COLUMNS):
     """Verify / decode (xla): the committed cache read in chunks of `kv_block` keys, only up to the
     longest row's committed length (a dynamic trip count: the cost follows the committed length, not
     the capacity bucket), with an online softmax; then the new block under its mask. Equals
@@ -196,7 +206,7 @@ def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     G = H // K
-    if K * G * T <= GEMM_MAX_COLUMNS:
+    if K * G * T <= gemm_columns:
         return _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
                                       kv_block=kv_block)
     kb = min(kv_block, S)
@@ -238,7 +248,7 @@ def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, b
     """`cached_attention` for a few query rows (AR decode, short chains): each chunk is read in the cache's
     own [B, chunk, K*E] layout by two plain GEMMs, the queries packed as a block-diagonal [K*E, K*G*T]
     matrix (column (j, m) reads head j only). K times the FLOPs of per-head products — nothing on a
-    memory-bound step with at most `GEMM_MAX_COLUMNS` columns — and no transposes or batched small dots
+    memory-bound step with few columns — and no transposes or batched small dots
     (roofline: the AR step at 4k–16k ~25 % faster than the transposed chunks)."""
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
