@@ -8,9 +8,10 @@
 
 Config keys are the fields of `sparrow_jax.training.trainer.TrainConfig` (a JSON/YAML file, then
 `--set key=value` overrides). Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I
-(or rely on the cluster's auto-detection with --distributed). Until the tiny video world ships, samples
-are synthetic (procedural videos, random text) — see sparrow_jax/synthetic/samples.py; `data` picks
-the sample source (sparrow_jax/synthetic/sources.py).
+(or rely on the cluster's auto-detection with --distributed). `data` picks the sample source
+(sparrow_jax/synthetic/sources.py): "world" = the shipped tiny video world's captions and QA (what the
+shipped target and drafts were trained on, configs/train_tiny_*.json), "video_instruct" = a local
+LLaVA-Video-178K / ShareGPT4Video copy (configs/recipes/), "synthetic" = procedural videos with random text.
 """
 
 from __future__ import annotations

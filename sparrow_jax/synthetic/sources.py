@@ -1,5 +1,5 @@
 """Sample sources by name — what the training config's `data` field selects — and the learnable colour
-task that target-training tests use until the video world ships.
+task that the target-training tests use (small and fast; the shipped target trains on "world").
 
 A source is a callable `(target_cfg, n, *, seed) -> list[training.data.Sample]`; `data` is a name in
 SOURCES or a "module:function" path, so a new generator plugs in without touching the trainers.
