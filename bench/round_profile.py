@@ -9,7 +9,7 @@ the values); the draft's cache length is the engine's (`engine.draft_positions` 
 prompt of --text-tokens text around V visual tokens): text only = the text and markers, MSD-style = all
 of it, pruned = the text and the kept share of the visual tokens.
 
-  ar       the AR baseline's step: the target over 1 token (`target.verify_fn`) + commit
+  ar       the AR baseline's step: one token of `autoregressive.ar_generate` (HI+1 vs LO+1 tokens)
   draft    one draft step of the tree expansion: embed + draft layer(s) over the draft cache (1 query)
            + the target's LM head, log-softmax and top-k (what `engine.build_tree` runs per level)
   verify   the target over the tree's nodes + commit of the accepted path (`engine.verify_phase`)
@@ -119,15 +119,6 @@ def main(argv=None) -> list[dict]:
     all_rows = jnp.ones((B,), bool)
 
     @jax.jit
-    def ar_trips(tparams, tc, n):
-        target = nnx.merge(tgraph, tparams)
-
-        def body(_, c):
-            v = tg.verify_fn(target, c, x_B1, c.lengths_B[:, None], one_node, ecfg.impl)
-            return keep_lengths(commit(c, v.block_kv, jnp.zeros((B, 1), jnp.int32), jnp.ones((B,), jnp.int32)), c)
-        return jax.lax.fori_loop(0, n, body, tc)
-
-    @jax.jit
     def draft_trips(tparams, dparams, dc, h_B1D, n):
         target, draft = nnx.merge(tgraph, tparams), nnx.merge(dgraph, dparams)
         mask = attn_lib.MaskSpec(kv_len_B=dc.lengths_B, block_mask_BTN=one_node)
@@ -173,6 +164,18 @@ def main(argv=None) -> list[dict]:
             ts.append((time.perf_counter() - t1 - (t1 - t0)) / (hi - lo))
         return float(np.median(ts)) * 1e3
 
+    def ar_ms(tc, last_logits):
+        """ms per extra token of the AR baseline's own loop (`autoregressive.ar_generate`, fresh caches)."""
+        def run(n):
+            fresh = jax.tree.map(jnp.copy, tc)
+            jax.block_until_ready(fresh)
+            t0 = time.perf_counter()
+            jax.block_until_ready(autoregressive.ar_generate(tgraph, tparams, fresh, last_logits, jnp.zeros((B,), jnp.int32),
+                                                             jax.random.key(1), max_new_tokens=n, impl=ecfg.impl))
+            return time.perf_counter() - t0
+        run(lo + 1), run(hi + 1)
+        return float(np.median([run(hi + 1) - run(lo + 1) for _ in range(args.repeats)])) / (hi - lo) * 1e3
+
     def round_ms(tc, dc, last_logits, last_h):
         """ms per extra round of the real loop (random caches: rounds end when max_new_tokens is reached)."""
         def run(mnt):
@@ -210,7 +213,7 @@ def main(argv=None) -> list[dict]:
                                                                pend_tok[:, 0], spec, ecfg.impl))(
             tparams, dparams, dc, pend_h[:, 0])
         print(f"[round-profile] V={V}: target cache {P_t}, draft cache {P_d} ({dcfg.visual_view} view)", flush=True)
-        ms = {"ar": timed(ar_trips, tparams, tc),
+        ms = {"ar": ar_ms(tc, logits0),
               "draft": timed(draft_trips, tparams, dparams, dc, pend_h[:, :1]),
               "verify": timed(verify_trips, tparams, tc, tree),
               "phase": timed(phase_trips, tparams, dparams, dc, pend_h),

@@ -50,18 +50,23 @@ def test_ar_loop_updates_the_cache_in_place(tiny):
     assert ops.get("copy", 0) == 0, f"AR loop copies whole cache arrays: {ops}"
 
 
-@pytest.mark.parametrize("tree", ["chain3", "8-3-2"])
-def test_speculative_loop_updates_the_cache_in_place(tiny, tree):
+@pytest.mark.parametrize("tree,draft_capacity", [("chain3", 256), ("8-3-2", 256), ("chain3", 2176)])
+def test_speculative_loop_updates_the_cache_in_place(tiny, tree, draft_capacity):
+    """Both caches. The draft's is read by the catch-up, written, then read by every tree level; 2176 is a
+    visual-view draft's cache of several attention chunks (it had 2 copies per array per round until the
+    catch-up commit's indices depended on the catch-up's output)."""
     cfg, graph, params, cache = tiny
     draft = SparrowDraft(DraftConfig.for_target(cfg), rngs=nnx.Rngs(1))
     dgraph, dparams = nnx.split(draft)
     d = draft.cfg
-    dcache = kv_cache.KVCache.empty(1, 1, 256, d.num_key_value_heads, d.hidden_size // d.num_attention_heads,
-                                    jnp.float32)
+    dcache = kv_cache.KVCache.empty(1, 1, draft_capacity, d.num_key_value_heads,
+                                    d.hidden_size // d.num_attention_heads, jnp.float32)
+    dcache = kv_cache.KVCache(dcache.k, dcache.v, jnp.full((1,), 200, jnp.int32))
     ecfg = E.EngineConfig(tree=TreeSpec.parse(tree), max_new_tokens=16)
     hlo = E.speculative_loop.lower(graph, params, dgraph, dparams, cache, dcache, jnp.zeros((1, cfg.text.vocab_size)),
                                    jnp.zeros((1, cfg.text.hidden_size)), jnp.zeros((1,), jnp.int32),
                                    jax.random.key(0), cfg=ecfg).compile().as_text()
-    ops = cache_ops(hlo, cache)
-    assert ops.get("dynamic-update-slice", 0) > 0, f"no cache write found: the check is blind ({ops})"
-    assert ops.get("copy", 0) == 0, f"speculative loop copies whole cache arrays: {ops}"
+    for name, c in (("target", cache), ("draft", dcache)):
+        ops = cache_ops(hlo, c)
+        assert ops.get("dynamic-update-slice", 0) > 0, f"no {name} cache write found: the check is blind ({ops})"
+        assert ops.get("copy", 0) == 0, f"speculative loop copies whole {name} cache arrays: {ops}"

@@ -256,9 +256,13 @@ def draft_phase(target, draft, dcache: KVCache, pend_tok_BL, pend_h_BLD, pend_n_
     h_out, kvs = draft(target.embed(pend_tok_BL), pend_h_BLD, dpos,
                        attn_lib.MaskSpec(kv_len_B=dcache.lengths_B, block_mask_BTN=blk),
                        caches=list(zip(dcache.k, dcache.v)), impl=cfg.impl)
-    dcache = commit(dcache, kvs, jnp.broadcast_to(arL[None], (B, L)), jnp.where(active_B, pend_n_B, 0))
     last = (pend_n_B - 1)[:, None]
     h_root = _take(h_out, last)[:, 0]
+    # The write indices are read from the catch-up's output (always 0 + arange: argmax >= 0), so the cache
+    # write depends on the cache read and XLA updates it in place; with constant indices it copies the
+    # draft's K and V twice per round (as the AR loop did, see autoregressive.ar_loop).
+    idx_BL = arL[None] + jnp.minimum(jnp.argmax(h_root, -1), 0)[:, None]
+    dcache = commit(dcache, kvs, idx_BL, jnp.where(active_B, pend_n_B, 0))
     root = jnp.take_along_axis(pend_tok_BL, last, 1)[:, 0]
     return dcache, build_tree(target, draft, dcache, h_root, root, cfg.tree, cfg.impl)
 
