@@ -11,7 +11,8 @@ A rendered table sits between two markers; the opening marker holds its recipe a
   <!-- /render -->
 
 - file: a JSON-lines file under bench/results/; where: field = value filters (dotted paths reach into nested
-  records, e.g. "ar.tokens_per_s"; a list value = one of); since: keep records whose "date" is on or after it.
+  records, e.g. "ar.tokens_per_s"; a list value = one of); since: keep records whose "date" is on or after it;
+  until: keep those dated before it (a table that must not change when later runs are appended).
 - key: fields that name one row; a later record with the same key replaces the earlier (a rerun wins).
 - explode: {"path": "results", "as": ["length", "condition"]} makes one row per leaf of a record's nested
   dict at that path (two levels here; a list at any level gives one row per item, e.g. {"path": "rows",
@@ -65,11 +66,12 @@ def fmt(value, pattern: str) -> str:
 
 
 def select(records: list[dict], recipe: dict) -> list[dict]:
-    where, since = recipe.get("where", {}), recipe.get("since")
+    where, since, until = recipe.get("where", {}), recipe.get("since"), recipe.get("until")
     rows = []
     for r in records:
         ok = all((field(r, k) in v) if isinstance(v, list) else field(r, k) == v for k, v in where.items())
-        if ok and (since is None or str(r.get("date", "")) >= since):
+        date = str(r.get("date", ""))
+        if ok and (since is None or date >= since) and (until is None or date < until):
             rows.append(r)
     if recipe.get("key"):
         by_key = {}

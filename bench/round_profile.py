@@ -42,6 +42,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PIECES = ("ar", "draft", "verify", "phase", "round")
 
 
+def shown(path: str) -> str:
+    """A path as recorded: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
 def ratio(a: float, b: float) -> float | None:
     """a / b to 2 decimals; None where b is not a positive time (a too-short loop on a noisy machine)."""
     return round(a / b, 2) if b > 0 else None
@@ -85,10 +91,10 @@ def main(argv=None) -> list[dict]:
         cfg = registry.config_from_dict(*registry.read_config_dict(args.config))
         target, tsource = registry.build_target(cfg, rngs=nnx.Rngs(0)), f"random init of {args.config}"
     else:
-        target, tsource = registry.load_target(args.target), args.target
+        target, tsource = registry.load_target(args.target), shown(args.target)
     cfg = target.cfg
     if args.draft:
-        draft, dsource = import_official(args.draft, target_cfg=cfg), args.draft
+        draft, dsource = import_official(args.draft, target_cfg=cfg), shown(args.draft)
     else:
         draft, dsource = SparrowDraft(DraftConfig.for_target(cfg), rngs=nnx.Rngs(1)), "random text-only draft"
     dcfg = draft.cfg

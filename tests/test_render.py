@@ -68,6 +68,12 @@ def test_committed_benchmarks_are_rendered_from_committed_results():
     assert render.main(["--check"]) == 0
 
 
+def test_until_freezes_a_table_against_later_runs(tmp_path):
+    recipe = {**RECIPE, "until": "2026-12-06 10:00 UTC"}  # the 2026-12-06 records and later are left out
+    assert render.select(_records(), {**recipe, "since": None}) == [r for r in _records() if r["method"] == "eagle"]
+    assert render.select(_records(), recipe) == []
+
+
 def test_explode_nested_results_into_rows(tmp_path):
     rec = {"bench": "reads", "date": "2026-12-06", "target": "t",
            "results": {"32": {"real": {"score": 0.5}, "blank": {"score": 0.25}}, "8": {"real": {"score": 0.75}}}}
