@@ -1,8 +1,10 @@
 """Session-wide tiny models (built once; compiled functions are reused across tests)."""
 
 import dataclasses
+import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +95,17 @@ def _drop_compiled_programs_after_each_module():
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def small_config_file(tmp_path):
+    """configs/tiny.json shrunk to a 64-wide, 2-layer LM (1 KV head), written as a config file: the bench
+    scripts' fast modes (roofline, round_profile) read a config path."""
+    d = json.loads((Path(__file__).resolve().parent.parent / "configs" / "tiny.json").read_text())
+    d["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=1)
+    d["text_config"]["rope_parameters"]["mrope_section"] = [4, 6, 6]
+    p = tmp_path / "small_config.json"
+    p.write_text(json.dumps(d))
+    return p
+

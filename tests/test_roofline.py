@@ -16,18 +16,7 @@ import roofline  # noqa: E402
 from sparrow_jax.models import target as tg  # noqa: E402
 
 
-@pytest.fixture
-def small_config(tmp_path):
-    d = json.loads((ROOT / "configs" / "tiny.json").read_text())
-    d["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1)
-    d["text_config"]["rope_parameters"]["mrope_section"] = [4, 6, 6]
-    p = tmp_path / "roof_small.json"
-    p.write_text(json.dumps(d))
-    return p
-
-
-def test_records_are_sane_and_time_the_engine_functions(small_config, tmp_path, monkeypatch):
+def test_records_are_sane_and_time_the_engine_functions(small_config_file, tmp_path, monkeypatch):
     blocks = []
     real = tg.verify_fn
 
@@ -37,7 +26,7 @@ def test_records_are_sane_and_time_the_engine_functions(small_config, tmp_path, 
 
     monkeypatch.setattr(tg, "verify_fn", spy)
     out = tmp_path / "r.jsonl"
-    records = roofline.main(["--configs", f"{small_config}@1", "--lengths", "64", "192", "--trees", "8-2-2",
+    records = roofline.main(["--configs", f"{small_config_file}@1", "--lengths", "64", "192", "--trees", "8-2-2",
                              "--probe-capacity", "--cache-blocks", "64", "--gemm-columns", "0", "16", "--repeats", "1", "--ar-steps", "2", "--verify-rounds", "1",
                              "--stream-mib", "8", "--matmul-n", "64", "--jsonl", str(out), "--plot", ""])
     assert set(blocks) == {1, 8}  # AR's one-node step and the tree's verify both went through verify_fn

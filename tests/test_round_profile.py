@@ -18,13 +18,8 @@ def test_ratio_needs_a_positive_time():
     assert round_profile.ratio(3.0, 0.0) is None and round_profile.ratio(3.0, -0.1) is None
 
 
-def test_records_follow_the_draft_view_and_their_own_times(tmp_path):
-    d = json.loads((ROOT / "configs" / "tiny.json").read_text())
-    d["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1)
-    d["text_config"]["rope_parameters"]["mrope_section"] = [4, 6, 6]
-    cfg = tmp_path / "small.json"
-    cfg.write_text(json.dumps(d))
+def test_records_follow_the_draft_view_and_their_own_times(small_config_file, tmp_path):
+    cfg = small_config_file
     out = tmp_path / "r.jsonl"
     records = round_profile.main(["--config", str(cfg), "--draft", "", "--lengths", "0", "40", "--text-tokens", "20",
                                   "--trips", "1", "3", "--repeats", "1", "--jsonl", str(out)])
