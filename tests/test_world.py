@@ -187,6 +187,14 @@ def test_dataset_items_are_deterministic_and_shaped():
         assert text == (QWEN_USER_PREFIX + qa.question + QWEN_ASSISTANT_PREFIX).replace("<|im_end|>", "")
     with pytest.raises(IndexError):
         ds[6]
+    # a frame cap: the 8 s clips are sampled at a lower rate, and grid(i) still names the item's shape
+    capped = W.WorldDataset(Codec(400), ids, 6, durations=(4, 8), seed=3, roundtrip=False,
+                            cfg=W.WorldConfig(max_frames=10))
+    assert capped.cfg.sampled_frames(8) == 10 and capped.cfg.visual_tokens(8) == 5 * 16
+    for i in range(len(capped)):
+        assert capped[i].prompt.visuals[0].grid_thw == capped.grid(i)
+    with pytest.raises(ValueError, match="max_frames 10 caps"):
+        capped.cfg.duration_for_tokens(100)
 
 
 def test_follow_up_questions_are_context_and_answers_are_targets():

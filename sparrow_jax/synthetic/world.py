@@ -91,15 +91,23 @@ class WorldConfig:
         n = int(round(duration * self.fps))
         return max(2, n - n % 2)
 
+    def sampled_frames(self, duration: float) -> int:
+        """Frames the preprocessing keeps of a `duration`-second video: all of them up to `max_frames`,
+        then evenly spread (a longer video at a lower rate, its positions still spanning its length)."""
+        return len(sample_frame_indices(self.num_frames(duration), self.fps, self.vision_config()))
+
     def visual_tokens(self, duration: float) -> int:
-        """Qwen2.5-VL placeholder tokens of a `duration`-second video: (frames/2) * (H/28) * (W/28)."""
-        return self.num_frames(duration) // 2 * (self.height // 28) * (self.width // 28)
+        """Qwen2.5-VL placeholder tokens of a `duration`-second video: (kept frames/2) * (H/28) * (W/28)."""
+        return self.sampled_frames(duration) // 2 * (self.height // 28) * (self.width // 28)
 
     def duration_for_tokens(self, tokens: int) -> int:
         """Shortest whole-second duration with at least `tokens` visual tokens."""
         per_second = self.fps / 2 * (self.height // 28) * (self.width // 28)
         d = max(1, math.ceil(tokens / per_second))
         while self.visual_tokens(d) < tokens:
+            if self.sampled_frames(d) < self.num_frames(d):  # capped: longer videos get no more tokens
+                raise ValueError(f"WorldConfig.max_frames {self.max_frames} caps a video at "
+                                 f"{self.visual_tokens(d)} visual tokens, fewer than the {tokens} asked for")
             d += 1
         return d
 
@@ -801,7 +809,7 @@ class WorldDataset(Sequence):
     def grid(self, i: int) -> tuple[int, int, int]:
         rng = np.random.default_rng([self.seed, i])
         d = self.durations[rng.integers(len(self.durations))]
-        return self.cfg.num_frames(d) // 2, self.cfg.height // 14, self.cfg.width // 14
+        return self.cfg.sampled_frames(d) // 2, self.cfg.height // 14, self.cfg.width // 14
 
     def __getitem__(self, i: int) -> Sample:
         if not -len(self) <= i < len(self):

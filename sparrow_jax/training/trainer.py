@@ -489,7 +489,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == end:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    m.update(step=self.step, step_s=time.perf_counter() - t0)
+                    m.update(getattr(self, "step_info", {}), step=self.step, step_s=time.perf_counter() - t0)
                     history.append(m)
                     bar.set_postfix({k: f"{m[k]:.4f}" for k in self.progress_metrics if k in m})
                     if jax.process_index() == 0:
