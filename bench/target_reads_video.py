@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import environment, read_jsonl_by_key, write_jsonl  # noqa: E402
 
 DEFAULT_LENGTHS, DEFAULT_SCENES = "8,32,256,1024", "32,16,8,4"
-CAPTION_COLUMNS = ("colour", "shape", "motion", "count", "event", "order", "time")
+CAPTION_COLUMNS = ("colour", "shape", "motion", "count", "event", "order", "time", "well_formed")
 QA_COLUMNS = ("colour", "shape", "motion", "count", "time", "event", "object")
 
 
@@ -101,7 +101,8 @@ def print_table(results: dict) -> None:
                   " ".join(f"{fmt(c, k):>6}" for k in CAPTION_COLUMNS) +
                   f" | {qo['mean']:4.2f} ± {qo['stderr']:4.2f}       " + " ".join(f"{fmt(q, k):>6}" for k in QA_COLUMNS))
     print("caption columns: world.score_caption components (mean over the videos where the scorer could check "
-          "them; 'order' needs two matched events); answers: world.score_answer accuracy per question kind "
+          "them; 'order' needs two matched events; 'well_f' = share of clauses that are the world's own caption "
+          "clauses, not in overall: a degenerate caption can still state the facts); answers: world.score_answer accuracy per question kind "
           "('object' = which appears first / last); ± = standard error.")
 
 

@@ -103,6 +103,22 @@ def test_captions_and_answers_score_one_against_their_scene():
     assert max(lower) < 1.0 and np.mean(lower) < 0.6
 
 
+def test_well_formed_separates_degenerate_captions_that_still_state_facts():
+    """A degenerate caption of the kind a target writes past its training lengths names the right colour,
+    background and count, so the fact scorer rates it well; its clauses are not the world's."""
+    sc = W.make_scene(20000000, 1024, W.WorldConfig(max_visible=1, max_events=0, sprite_scale=2.0))
+    o = sc.objects[0]
+    degenerate = (f"A 64 a screen: the video on a {sc.background} background. In wall part. In screen: a screen: "
+                  f"a screen: the video, one in1 object remains: the {o.name}. In wall.")
+    s = W.score_caption(sc, degenerate)
+    assert s["overall"] >= 0.5 and s["colour"] == 1.0
+    assert s["well_formed"] < 0.3 and "well_formed" in s
+    assert W.well_formed(W.caption(sc, 2)) == 1.0 and W.well_formed("") == 0.0
+    # a true caption cut mid-sentence keeps its whole clauses
+    cut = W.caption(sc)[:-10]
+    assert 0.5 < W.well_formed(cut) < 1.0
+
+
 def test_scorer_penalises_wrong_and_reordered_text():
     sc = next(s for s in _scenes(20, (64,)) if len(s.events) >= 4)
     assert W.score_caption(sc, "")["overall"] == 0.0

@@ -22,6 +22,7 @@ video; `LENGTHS` names the durations for 0.5k ... 25k tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -630,6 +631,31 @@ def parse_text(text: str) -> dict:
     return facts
 
 
+# Well-formedness: the scorer reads facts wherever they occur, so a degenerate caption ("In screen: a screen: a
+# screen: the video, one in1 object remains square part.") can still score well. A clause is well formed if,
+# with its attribute words and numbers masked, it is a clause the caption generator writes.
+_FORM_SPLIT = re.compile(r"\s*(?:[.:,;!?]|\band\b)\s*")
+_FORM_WORD = re.compile(r"\b(?:" + "|".join([*COLOURS, *BACKGROUNDS, *SIZES, *_SIZE_WORD, *_NUM_WORDS]) + r"|"
+                        + "|".join(SHAPES) + r")(?:e?s)?\b|\d+")
+
+
+def _clause_forms(text: str) -> list[str]:
+    return [" ".join(_FORM_WORD.sub("#", c.lower()).split()) for c in _FORM_SPLIT.split(text) if c.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def caption_clause_forms(scenes: int = 400) -> frozenset:
+    """The masked clauses of the world's captions (default world: events, several objects, every phrasing)."""
+    return frozenset(f for seed in range(scenes) for d in (8, 64) for v in range(3)
+                     for f in _clause_forms(caption(make_scene(seed, d), v)))
+
+
+def well_formed(text: str) -> float:
+    """Share of the text's clauses that are clauses of the world's captions (0 for no text)."""
+    forms = _clause_forms(text)
+    return float(np.mean([f in caption_clause_forms() for f in forms])) if forms else 0.0
+
+
 def _f1(pred: set, true: set) -> float:
     if not pred and not true:
         return 1.0
@@ -669,6 +695,7 @@ def score_caption(scene: Scene, text: str, time_tolerance: int = 1) -> dict:
     if f["duration"] is not None:
         s["duration"] = float(abs(f["duration"] - scene.duration) <= max(time_tolerance, 0.05 * scene.duration))
     s["overall"] = float(np.mean(list(s.values())))
+    s["well_formed"] = well_formed(text)  # beside the facts, not in overall (comparable with earlier scores)
     return s
 
 
