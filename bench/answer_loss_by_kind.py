@@ -81,8 +81,8 @@ def load_run_model(config_path):
         raise SystemExit(f"{config_path}: no checkpoint in {src}")
     tmp = Path(tempfile.mkdtemp(prefix="answer_loss_"))
     shutil.copytree(src / str(steps[-1]), tmp / "checkpoints" / str(steps[-1]))
-    tr = TargetTrainer(dataclasses.replace(cfg, out_dir=str(tmp), tensorboard=False, num_samples=cfg.global_batch),
-                       log=lambda *a, **k: None)
+    # The run's own samples (the world source is lazy): its buckets, so the saved data state restores.
+    tr = TargetTrainer(dataclasses.replace(cfg, out_dir=str(tmp), tensorboard=False), log=lambda *a, **k: None)
     if not tr.restore_latest():
         raise SystemExit(f"{config_path}: could not restore step {steps[-1]}")
     shutil.rmtree(tmp, ignore_errors=True)
