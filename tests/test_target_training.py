@@ -303,8 +303,7 @@ def test_text_only_samples_train_with_the_probe_loss_on(tmp_path, model_cfg):
     hist = TargetTrainer(cfg, samples=samples).run(progress=False)
     assert "vision_unexplained" not in hist[-1] and np.isfinite(hist[-1]["loss"])
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"], (hist[0], hist[-1])
-    # each logged step names the bucket it drew (its visual tokens per row)
-    assert {h["visual_tokens"] for h in hist} <= {s.prompt.visuals[0].num_tokens for s in tr.samples}
+    assert {h["visual_tokens"] for h in hist} == {0}  # the bucket each logged step drew: no visuals
 
 
 def test_export_of_a_world_run_writes_its_scene_settings(tmp_path):
