@@ -278,7 +278,7 @@ class TargetTrainer(Trainer):
         A = self.cfg.grad_accum
         micro = [target_batch([self.samples[i] for i in rows], self.model_cfg, max_text=self.cfg.max_text,
                               per_visual=self.cfg.max_text_per_visual) for rows in np.split(idx, A)]
-        # which bucket the step drew (its visual tokens per row): step times differ ~40x between buckets
+        # which bucket the step drew (its visual tokens per row): step times differ ~70x between buckets
         dest, rows = micro[0].inputs.visual_dest, len(idx) // A
         self.step_info = {"visual_tokens": 0 if dest is None else int(dest.shape[0]) // rows}
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *micro)
