@@ -18,6 +18,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import _tiny
+from sparrow_jax.io.draft_checkpoint import save_draft
 from sparrow_jax.models import registry
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.synthetic.samples import synthetic_samples
@@ -209,6 +210,26 @@ def test_learning_lowers_loss_and_raises_heldout_top1(small_target, feature_dir,
     # Stated margin: held-out top-1 agreement with the target rises by at least 0.2 in 40 steps.
     assert after["pass0/top1"] >= before["pass0/top1"] + 0.2, (before["pass0/top1"], after["pass0/top1"])
     assert after["loss"] < before["loss"]
+
+
+def test_init_draft_starts_from_the_saved_draft_and_refuses_another(small_target, feature_dir, tmp_path):
+    """init_draft (fine-tuning): the run starts from the saved draft's weights exactly, and a saved draft of
+    another view or bridge layer is refused with the field named."""
+    base = _base_overrides(feature_dir, tmp_path / "a") + ["steps=3", "save_every=100"]
+    trained = Trainer(TrainConfig.from_file_and_overrides(None, base))
+    trained.run(progress=False)
+    save_draft(trained.draft(), tmp_path / "saved")
+    again = Trainer(TrainConfig.from_file_and_overrides(
+        None, _base_overrides(feature_dir, tmp_path / "b") + [f"init_draft={tmp_path / 'saved'}", "seed=5"]))
+    fresh = Trainer(TrainConfig.from_file_and_overrides(None, _base_overrides(feature_dir, tmp_path / "c") + ["seed=5"]))
+    for got, want, rnd in zip(jax.tree.leaves(again.params), jax.tree.leaves(trained.params),
+                              jax.tree.leaves(fresh.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(fresh.params)))
+    with pytest.raises(ValueError, match=r"init_draft .*saved.*m_star: 1 in the file, 2 in this run"):
+        Trainer(TrainConfig.from_file_and_overrides(
+            None, _base_overrides(feature_dir, tmp_path / "d") + [f"init_draft={tmp_path / 'saved'}", "m_star=2"]))
 
 
 # ----------------------------------------------------------------- subprocess runs (devices, hosts)

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from sparrow_jax.io.draft_checkpoint import load_draft
 from sparrow_jax.models import registry, views
 from sparrow_jax.models.attention import IMPL_KINDS, AttentionImpl
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
@@ -72,6 +73,9 @@ class TrainConfig:
     compute_dtype: str = "float32"  # bfloat16: bf16 compute, fp32 master weights
     # model / loss
     draft_layers: int = 1
+    # draft task: start from this draft directory (save_draft's layout) instead of a random draft, e.g. the
+    # 8 s recipe's export trained further on long clips; its config must be the draft this run builds
+    init_draft: str | None = None
     m_star: int | None = None  # bridge layer m* (target hidden state after layer m*); None = default_m_star
     max_text: int = 128
     max_text_per_visual: float = 0.0  # target task: extra text positions per visual token (long answers)
@@ -231,6 +235,17 @@ def accumulate_and_update(grad_fn, optimizer, params, opt_state, A: int, micro_a
     return optax.apply_updates(params, updates), opt_state, m
 
 
+def initial_draft(path, dcfg: DraftConfig, target_cfg) -> SparrowDraft:
+    """The draft saved at `path` as the starting point of a run that builds `dcfg` (fine-tuning); a draft of
+    another shape, view or bridge layer is refused with the fields that differ (the run's config decides)."""
+    draft = load_draft(path, target_cfg=target_cfg)
+    have, want = dataclasses.asdict(draft.cfg), dataclasses.asdict(dcfg)
+    diff = [f"{k}: {have[k]!r} in the file, {want[k]!r} in this run" for k in want if have[k] != want[k]]
+    if diff:
+        raise ValueError(f"init_draft {path}: not the draft this run trains ({'; '.join(diff)})")
+    return draft
+
+
 class Trainer:
     progress_metrics = ("loss", "pass0/top1")  # shown on the progress bar
 
@@ -245,7 +260,8 @@ class Trainer:
         dcfg = DraftConfig.for_target(tcfg, num_layers=cfg.draft_layers, visual_view=cfg.visual_view,
                                       m_star=self.m_star, visual_keep_fraction=cfg.visual_keep_fraction,
                                       visual_prune_by=cfg.visual_prune_by)
-        draft = SparrowDraft(dcfg, rngs=nnx.Rngs(cfg.seed))
+        draft = SparrowDraft(dcfg, rngs=nnx.Rngs(cfg.seed)) if cfg.init_draft is None else \
+            initial_draft(cfg.init_draft, dcfg, tcfg)
         self.dgraph, dparams = nnx.split(draft, nnx.Param)
         self.tgraph, tparams = nnx.split(self.target)
         self.optimizer = make_optimizer(cfg)
