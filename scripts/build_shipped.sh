@@ -2,18 +2,20 @@
 # Rebuild the shipped tiny video world from scratch with the project's own code (2-core CPU machine).
 # Each step's command, step count and measured duration are in BENCHMARKS.md ("The shipped tiny world").
 #
-#   bash scripts/build_shipped.sh            # everything below, in order (about 2 hours on 2 cores)
+#   bash scripts/build_shipped.sh            # everything below, in order (about 3 hours on 2 cores)
 #
 # Stages (each resumes from its own checkpoints if interrupted; rerun the script):
 #  1. tokenizer (byte-level BPE, Qwen special tokens)                     -> shipped/tiny-qwen2.5-vl/tokenizer*
 #  2. the target: the reading curriculum (scripts/train_reading_target.sh, configs/target_curriculum/*.json):
 #     LM + vision tower from scratch on detailed captions of static one-object scenes (sprites x2), then
-#     more steps on the same data, then the same captions at 8/32/64 s so it keeps reading long videos;
-#     each stage probed real vs blank video (65 min on 2 cores)            -> shipped/tiny-qwen2.5-vl
+#     more steps on the same data, then the same captions at 8/32/64 s so it keeps reading long videos,
+#     then at 8 s to 1,024 s (frames capped at 1,024) so it reads at 16k visual tokens;
+#     each stage probed real vs blank video (65 + 59 min on 2 cores)       -> shipped/tiny-qwen2.5-vl
 #     (+ world.json: the scene settings it was trained on, which the demo, the drafts and the benches use)
-#  3. drafts on the final target: Sparrow (text-only view, IVSB + MTP), MSD-style (full visual view) and
-#     plain EAGLE (text-only view, no IVSB, no MTP)                         -> shipped/drafts/{sparrow,msd,eagle}
-#  4. per-length tree choice for this backend                             -> shipped/drafts/sparrow/tree_choice.json
+#  3. drafts on the final target: Sparrow (text-only view, IVSB + MTP), MSD-style (full visual view), plain
+#     EAGLE (text-only view, no IVSB, no MTP) and pruned-visual (10 % of the visual tokens)
+#                                                   -> shipped/drafts/{sparrow,msd,eagle,pruned_visual}
+#  4. per-length tree choice for this backend       -> shipped/drafts/*/tree_choice.json
 #  5. the acceptance check: greedy captions/answers with the real, a blank and a shuffled video
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,8 @@ for pair in sparrow:sparrow msd:msd eagle:eagle pruned:pruned_visual; do
   cp "runs/draft_$c/metrics.jsonl" "shipped/drafts/$d/training_metrics.jsonl"
 done
 for d in sparrow msd eagle pruned_visual; do
-  python bench/tree_search.py --draft "shipped/drafts/$d" --lengths 8,32 --scenes 2 \
-      --candidates 6-2-2,8-3-2,12-4-3,16-4-4,24-5-6,48-5-10,chain3,chain5
+  python bench/tree_search.py --draft "shipped/drafts/$d" --lengths 8,32,256 --scenes 2 \
+      --candidates 8-3-2,16-4-4,48-5-10,chain2,chain3,chain4,chain5
 done
-python bench/target_reads_video.py --target shipped/tiny-qwen2.5-vl --lengths 8,32 --scenes 16,8
+python bench/target_reads_video.py --target shipped/tiny-qwen2.5-vl --lengths 8,32,256,1024 --scenes 16,8,4,4 \
+    --conditions real,blank
