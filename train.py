@@ -41,6 +41,11 @@ def parse_args(argv=None):
     ap.add_argument("--extract-features", metavar="DIR", help="write offline feature shards to DIR and exit")
     ap.add_argument("--num-samples", type=int, default=None, help="synthetic samples (default: config num_samples)")
     ap.add_argument("--regenerate", type=int, default=None, help="extraction: responses = target's greedy answer")
+    ap.add_argument("--extract-batch", type=int, default=8, metavar="N",
+                    help="extraction: samples per target forward (a batch is padded to its longest video, so mixed "
+                         "or long videos extract faster at 1)")
+    ap.add_argument("--shard-size", type=int, default=64, metavar="N",
+                    help="extraction: records per shard (the unit of resumption)")
     ap.add_argument("--export", metavar="DIR", help="after training, save the draft: ours in DIR, and the official "
                     "layout it can be expressed in (Sparrow for a draft with the embedding norm, else EAGLE-2, with "
                     "the target's embedding) in DIR-sparrow / DIR-eagle2; task=target: a HF checkpoint directory DIR")
@@ -75,11 +80,15 @@ def main(argv=None):
         train_target(dataclasses.replace(cfg, num_samples=n), args)
         return
     if args.extract_features:
+        if args.extract_batch < 1 or args.shard_size < 1:
+            sys.exit(f"train.py: error: --extract-batch {args.extract_batch} / --shard-size {args.shard_size}: "
+                     "both must be >= 1")
         target = load_target(cfg)
         samples = make_samples(target.cfg, n, seed=cfg.data_seed, **cfg.data_options)
         m_star = default_m_star(target.cfg.num_layers) if cfg.m_star is None else cfg.m_star
         index = extract_features(target, samples, args.extract_features, spec=cfg.feature_spec(m_star),
-                                 regenerate=args.regenerate, progress=not args.no_progress)
+                                 regenerate=args.regenerate, progress=not args.no_progress,
+                                 batch_size=args.extract_batch, shard_size=args.shard_size)
         print(f"[train] {sum(s['records'] for s in index['shards'])} records in {len(index['shards'])} shards "
               f"-> {args.extract_features}")
         return
