@@ -197,6 +197,29 @@ def test_extraction_is_resumable_and_indexed(feature_dir, small_target):
     assert (Path(feature_dir) / "features-00001.safetensors").stat().st_mtime_ns == before
 
 
+def test_extraction_reads_lazy_sources_by_index(small_target, tmp_path):
+    """A lazy sample source (world.WorldDataset renders on access) takes integer indices only: extraction
+    reads it item by item, shard by shard, and writes what a list gives."""
+    samples = synthetic_samples(small_target.cfg, 7, seed=4, text_vocab=_tiny.SMALL_TEXT_VOCAB)
+
+    class IntegersOnly:
+        def __len__(self):
+            return len(samples)
+
+        def __getitem__(self, i):
+            if not isinstance(i, int):
+                raise TypeError(f"index {i!r}: integers only")
+            return samples[i]
+
+    lazy = extract_features(small_target, IntegersOnly(), tmp_path / "lazy", spec=MID, shard_size=4, batch_size=3,
+                            progress=False)
+    eager = extract_features(small_target, samples, tmp_path / "list", spec=MID, shard_size=4, progress=False)
+    assert [s["records"] for s in lazy["shards"]] == [s["records"] for s in eager["shards"]] == [4, 3]
+    a, b = ShardSource(tmp_path / "lazy"), ShardSource(tmp_path / "list")
+    for i in range(7):
+        np.testing.assert_allclose(a[i].h, b[i].h, atol=1e-5)
+
+
 def test_learning_lowers_loss_and_raises_heldout_top1(small_target, feature_dir, tmp_path):
     held = records_for(small_target, synthetic_samples(small_target.cfg, 8, seed=99, text_vocab=_tiny.SMALL_TEXT_VOCAB),
                        spec=MID)

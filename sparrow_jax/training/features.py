@@ -125,7 +125,8 @@ def extract_features(target, samples: list[Sample], out_dir, *, spec: FeatureSpe
     for k in tqdm(range(n_shards), desc="extracting features", disable=not progress, unit="shard"):
         if f"features-{k:05d}.safetensors" in done:
             continue
-        chunk = samples[k * shard_size:(k + 1) * shard_size]
+        # by index, not a slice: lazy sources (world.WorldDataset renders on access) take integers only
+        chunk = [samples[i] for i in range(k * shard_size, min((k + 1) * shard_size, len(samples)))]
         recs = []
         for i in range(0, len(chunk), batch_size):
             recs += records_for(target, chunk[i:i + batch_size], spec=spec, regenerate=regenerate, prepare=prepare)
