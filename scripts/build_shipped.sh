@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the shipped tiny video world from scratch with the project's own code (2-core CPU machine).
-# Each step's command, step count and measured duration are in BENCHMARKS.md ("The shipped tiny world").
+# Each step's command and measured duration are in BENCHMARKS.md ("The shipped tiny world: how it is built").
 #
 #   bash scripts/build_shipped.sh            # everything below, in order (about 3 hours on 2 cores)
 #
