@@ -95,7 +95,10 @@ def main(argv=None):
     samples = None
     if cfg.online:
         samples = make_samples(load_target(cfg).cfg, n, seed=cfg.data_seed, **cfg.data_options)
-    trainer = Trainer(cfg, samples=samples)
+    try:
+        trainer = Trainer(cfg, samples=samples)
+    except (ValueError, OSError) as e:  # a config that cannot be run: init_draft, features, target, view
+        sys.exit(f"train.py: error: {e}")
     history = run_or_exit(trainer, args)
     if history and jax.process_index() == 0:
         print(f"[train] step {trainer.step}: " + json.dumps({k: round(v, 5) for k, v in history[-1].items()}))

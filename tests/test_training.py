@@ -253,6 +253,12 @@ def test_init_draft_starts_from_the_saved_draft_and_refuses_another(small_target
     with pytest.raises(ValueError, match=r"init_draft .*saved.*m_star: 1 in the file, 2 in this run"):
         Trainer(TrainConfig.from_file_and_overrides(
             None, _base_overrides(feature_dir, tmp_path / "d") + [f"init_draft={tmp_path / 'saved'}", "m_star=2"]))
+    import train  # the CLI says it in one line, without a traceback
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--no-progress"] + [a for o in _base_overrides(feature_dir, tmp_path / "e") +
+                                        [f"init_draft={tmp_path / 'missing'}"] for a in ("--set", o)])
+    assert str(e.value).startswith("train.py: error: ") and "missing" in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------- subprocess runs (devices, hosts)
