@@ -4,6 +4,7 @@ and online (inside the train step, nothing written) — so both modes see identi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def _text_items(batch: tg.PrefillBatch, seqs) -> tg.PrefillBatch:
     return dataclasses.replace(batch, text_idx_BL=jnp.asarray(idx))
 
 
-def extract_features(target, samples: list[Sample], out_dir, *, spec: FeatureSpec, batch_size: int = 8,
+def extract_features(target, samples: Sequence[Sample], out_dir, *, spec: FeatureSpec, batch_size: int = 8,
                      shard_size: int = 64, regenerate: int | None = None, prepare=None, progress: bool = True) -> dict:
     """Offline extraction into `out_dir` (safetensors shards + index.json) of what `spec` asks for.
     Resumable: shards already in the index are skipped (an index written for another spec is refused)."""
