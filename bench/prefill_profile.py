@@ -71,7 +71,8 @@ def run(args) -> list[dict]:
     defaults = dict(attn_lib.blockwise_attention.__kwdefaults__)
     for name, fn in stages.items():
         s = median_time(fn, args.repeats)
-        rec = {**common, "cell": name, "blocks": f"{defaults['q_block']}/{defaults['kv_block']}", "seconds_median": s}
+        rec = {**common, "cell": name, "blocks": f"{defaults['q_block']}/{defaults['kv_block']}",
+               "dense_score_limit": attn_lib.DENSE_SCORE_LIMIT, "seconds_median": s}
         records.append(rec)
         print(f"[prefill_profile] {name:<12} {s:8.3f} s", flush=True)
     limit = attn_lib.DENSE_SCORE_LIMIT
@@ -81,11 +82,12 @@ def run(args) -> list[dict]:
                 attn_lib.DENSE_SCORE_LIMIT = 1 << 62
             else:
                 q, kv = (int(x) for x in blocks.split("/"))
-                attn_lib.DENSE_SCORE_LIMIT = limit
+                attn_lib.DENSE_SCORE_LIMIT = limit if args.dense_score_limit is None else args.dense_score_limit
                 attn_lib.blockwise_attention.__kwdefaults__ = {"q_block": q, "kv_block": kv}
             jax.clear_caches()  # the block sizes are read at trace time
             s = median_time(lm, args.repeats)
-            records.append({**common, "cell": "lm_prefill", "blocks": blocks, "seconds_median": s})
+            records.append({**common, "cell": "lm_prefill", "blocks": blocks,
+                            "dense_score_limit": attn_lib.DENSE_SCORE_LIMIT, "seconds_median": s})
             print(f"[prefill_profile] lm_prefill   {s:8.3f} s  blocks {blocks}", flush=True)
     finally:
         attn_lib.DENSE_SCORE_LIMIT = limit
@@ -100,6 +102,9 @@ def build_parser():
     ap.add_argument("--target", help="HF checkpoint directory (default: the shipped tiny target)")
     ap.add_argument("--seconds", type=int, default=256, help="video length (the shipped target: 16 visual tokens/s)")
     ap.add_argument("--seed", type=int, default=demo.SAMPLE_SEED)
+    ap.add_argument("--dense-score-limit", type=int, default=None,
+                    help="DENSE_SCORE_LIMIT for the --blocks cells (0: every LM attention blockwise; default: "
+                         "the library's)")
     ap.add_argument("--blocks", nargs="*", default=["512/512", "256/512", "128/1024", "256/1024", "dense"],
                     help="Q/KV block sizes of the blockwise LM attention to time, or 'dense'")
     ap.add_argument("--repeats", type=int, default=3)

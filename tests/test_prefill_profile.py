@@ -24,11 +24,21 @@ def test_stages_and_block_cells(tmp_path, monkeypatch):
     records = prefill_profile.main(["--seconds", "4", "--blocks", "16/32", "dense", "--repeats", "1",
                                     "--jsonl", str(out)])
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    lib = f"{attn_lib.Q_BLOCK}/{attn_lib.KV_BLOCK}"
     assert [(r["cell"], r["blocks"]) for r in records] == [
-        ("processor", "128/1024"), ("batch", "128/1024"), ("vision", "128/1024"), ("lm_prefill", "128/1024"),
+        ("processor", lib), ("batch", lib), ("vision", lib), ("lm_prefill", lib),
         ("lm_prefill", "16/32"), ("lm_prefill", "dense")]
+    assert [r["dense_score_limit"] for r in records] == [1] * 5 + [1 << 62]
     assert all(r["seconds_median"] > 0 and r["visual_tokens"] > 0 for r in records)
     assert attn_lib.blockwise_attention.__kwdefaults__ == defaults and attn_lib.DENSE_SCORE_LIMIT == 1
+
+
+@pytest.mark.skipif(demo.shipped_target() is None, reason="shipped target weights absent")
+def test_dense_score_limit_applies_to_block_cells(tmp_path):
+    records = prefill_profile.main(["--seconds", "4", "--blocks", "16/32", "--dense-score-limit", "0", "--repeats",
+                                    "1", "--jsonl", str(tmp_path / "p.jsonl")])
+    assert records[-1]["blocks"] == "16/32" and records[-1]["dense_score_limit"] == 0
+    assert records[0]["dense_score_limit"] == attn_lib.DENSE_SCORE_LIMIT  # stage cells: the library's
 
 
 def test_bad_blocks_are_refused():

@@ -27,12 +27,14 @@ import jax.numpy as jnp
 
 from pallas_kernels import dispatch
 
-# Score elements (B*H*T*S) above which the xla path switches to the blockwise loop.
-DENSE_SCORE_LIMIT = 1 << 25
-# Blockwise (prefill / training) block sizes. 128 x 1024 measured faster than 512 x 512 on XLA:CPU in one run
-# each (BENCHMARKS "Prefill at long video"): LM prefill at 4k tokens 1.70 -> 1.09 s, target train step -13 %.
-Q_BLOCK = 128
-KV_BLOCK = 1024
+# Score elements (B*H*T*S) above which the xla path switches to the blockwise loop. Measured on XLA:CPU: blockwise
+# wins from ~700 tokens with 4 heads (LM prefill at 1.6k tokens: dense 0.39 s, blockwise 0.22 s; target train step
+# at 512 visual tokens, batch 8: 5.3 -> 4.5 s); dense stays faster only on small problems (400 tokens: 2.1 vs 2.9 ms).
+DENSE_SCORE_LIMIT = 1 << 21
+# Blockwise (prefill / training) block sizes, measured on XLA:CPU (BENCHMARKS "Prefill at long video"): with the
+# pre-transposed forward 256 x 512 beat 128 x 1024 and 512 x 512 (LM prefill at 16k tokens 9.3 / 7.8 -> 7.4 s).
+Q_BLOCK = 256
+KV_BLOCK = 512
 DECODE_KV_BLOCK = 1024  # cache keys per chunk of `cached_attention` (a chunk's K/V, transposed, stays in L2)
 GEMM_MAX_COLUMNS = 8  # cached_attention: K*G*T query columns up to which each chunk is read by plain GEMMs
 
@@ -350,42 +352,61 @@ def _n_key_blocks(st: _Flash, qi, kv_len_B, nk):
 
 
 def _flash_forward(st: _Flash, q_BTHE, k_BSKE, v_BSKE, kv_len_B):
-    """(output [B, T, H, E] in q's dtype, log-sum-exp [nq, B, K, G, qb] fp32; 0 for rows with no key)."""
+    """(output [B, T, H, E] in q's dtype, log-sum-exp [nq, B, K, G, qb] fp32; 0 for rows with no key).
+
+    Laid out once for XLA:CPU's batched GEMMs (batch dims leading, no transpose inside the loops): the queries
+    pre-scaled as [nq, B, K, G*qb, E] (a KV head's G query heads stacked as rows), keys and values as
+    [nk, B, K, kb, E]. Key blocks every query of the block sees in full (below the causal diagonal, inside every
+    row's length) skip the mask; only the diagonal / ragged-end blocks build it. Prefill at 16k tokens: 1.7 s ->
+    ~1.0 s per layer of the shipped target (BENCHMARKS "Prefill at long video")."""
     B, T, H, E = q_BTHE.shape
-    q_BnqKGE, k_BnkKE, v_BnkKE = _flash_layout(st, q_BTHE, k_BSKE, v_BSKE)
-    _, nq, qb, K, G, _ = q_BnqKGE.shape
-    nk, kb = k_BnkKE.shape[1], st.kv_block
-    scale = 1.0 / math.sqrt(E)
-    mask = MaskSpec(kv_len_B=kv_len_B, causal=st.causal)
+    K = k_BSKE.shape[2]
+    G, qb, kb = H // K, st.q_block, st.kv_block
+    q = _pad_axis(q_BTHE * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype), 1, qb)
+    nq = q.shape[1] // qb
+    q_nBKRE = q.reshape(B, nq, qb, K, G, E).transpose(1, 0, 3, 4, 2, 5).reshape(nq, B, K, G * qb, E)
+    k_nBKkE, v_nBKkE = (_pad_axis(x, 1, kb) for x in (k_BSKE, v_BSKE))
+    nk = k_nBKkE.shape[1] // kb
+    k_nBKkE, v_nBKkE = (x.reshape(B, nk, kb, K, E).transpose(1, 0, 3, 2, 4) for x in (k_nBKkE, v_nBKkE))
+    row_query = jnp.tile(jnp.arange(qb), G)  # row r of a block is query r % qb of head r // qb
 
     def one_q_block(args):
-        qi, q_BqKGE = args
+        qi, q_BKRE = args
+        n = _n_key_blocks(st, qi, kv_len_B, nk)
+        n_full = jnp.min(kv_len_B) // kb  # blocks inside every row's length...
+        if st.causal:  # ... and wholly before the block's first query
+            n_full = jnp.minimum(n_full, (qi * qb + 1) // kb)
+        n_full = jnp.minimum(n_full, n)
 
-        def body(ki, carry):
+        def step(ki, carry, masked: bool):
             m_i, l_i, acc = carry
-            k_blk = jax.lax.dynamic_index_in_dim(k_BnkKE, ki, axis=1, keepdims=False)
-            v_blk = jax.lax.dynamic_index_in_dim(v_BnkKE, ki, axis=1, keepdims=False)
-            s = jnp.einsum("bqkge,bske->bkgqs", q_BqKGE, k_blk, preferred_element_type=jnp.float32) * scale
-            vis = _main_mask(mask, qb, kb, q_start=qi * qb, k_start=ki * kb)
-            s = jnp.where(vis, s, -jnp.inf)
+            s = jnp.einsum("bkre,bkse->bkrs", q_BKRE, k_nBKkE[ki], preferred_element_type=jnp.float32)
+            if masked:
+                k_idx = ki * kb + jnp.arange(kb)
+                vis = k_idx[None, None, None, :] < kv_len_B[:, None, None, None]
+                if st.causal:
+                    vis = vis & (k_idx[None, :] <= (qi * qb + row_query)[:, None])[None, None]
+                s = jnp.where(vis, s, -jnp.inf)
             m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-            p = jnp.exp(s - m_safe[..., None]) * vis
-            corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if masked else m_new  # a full block: finite
+            p = jnp.exp(s - m_safe[..., None])  # masked scores are -inf: p = 0
+            corr = jnp.exp(m_i - m_safe)  # m_i = -inf (nothing seen yet): 0
             l_new = l_i * corr + jnp.sum(p, axis=-1)
-            acc = acc * corr[..., None] + jnp.einsum("bkgqs,bske->bkgqe", p.astype(v_blk.dtype), v_blk,
+            acc = acc * corr[..., None] + jnp.einsum("bkrs,bkse->bkre", p.astype(v_nBKkE.dtype), v_nBKkE[ki],
                                                      preferred_element_type=jnp.float32)
             return m_new, l_new, acc
 
-        init = (jnp.full((B, K, G, qb), -jnp.inf, jnp.float32), jnp.zeros((B, K, G, qb), jnp.float32),
-                jnp.zeros((B, K, G, qb, E), jnp.float32))
-        m_f, l_f, acc = jax.lax.fori_loop(0, _n_key_blocks(st, qi, kv_len_B, nk), body, init)
+        init = (jnp.full((B, K, G * qb), -jnp.inf, jnp.float32), jnp.zeros((B, K, G * qb), jnp.float32),
+                jnp.zeros((B, K, G * qb, E), jnp.float32))
+        carry = jax.lax.fori_loop(0, n_full, lambda ki, c: step(ki, c, False), init)
+        m_f, l_f, acc = jax.lax.fori_loop(n_full, n, lambda ki, c: step(ki, c, True), carry)
         o = acc / jnp.maximum(l_f, 1e-30)[..., None]
         lse = jnp.where(l_f > 0, m_f + jnp.log(jnp.maximum(l_f, 1e-30)), 0.0)
-        return jnp.moveaxis(o, 3, 1).astype(q_BTHE.dtype), lse  # [B, qb, K, G, E], [B, K, G, qb]
+        return o.astype(q_BTHE.dtype), lse.reshape(B, K, G, qb)
 
-    o_nBqKGE, lse_nBKGq = jax.lax.map(one_q_block, (jnp.arange(nq), q_BnqKGE.swapaxes(0, 1)))
-    return o_nBqKGE.swapaxes(0, 1).reshape(B, nq * qb, H, E)[:, :T], lse_nBKGq
+    o_nBKRE, lse_nBKGq = jax.lax.map(one_q_block, (jnp.arange(nq), q_nBKRE))
+    o_BTHE = o_nBKRE.reshape(nq, B, K, G, qb, E).transpose(1, 0, 4, 2, 3, 5).reshape(B, nq * qb, H, E)[:, :T]
+    return o_BTHE, lse_nBKGq
 
 
 def _flash_fwd(st, q_BTHE, k_BSKE, v_BSKE, kv_len_B):
