@@ -101,6 +101,9 @@ def test_cache_plus_block_tree_mask():
     (1, 9, 64, 2, 2, 8, 128, [40]),     # one chunk wider than the cache
     (2, 1, 45, 4, 2, 8, 16, [45, 3]),   # AR step, GQA 2: the block-diagonal GEMM form (K*G*T <= 8)
     (2, 2, 33, 2, 2, 16, 8, [9, 33]),   # a 2-node chain, MHA: GEMM form
+    (2, 3, 150, 4, 2, 8, 8, [150, 70]),  # runs of 4 chunks (4 x 32), then 3 chunks (the last slid back)
+    (2, 1, 100, 4, 2, 8, 8, [100, 33]),  # the same in the GEMM form
+    (1, 2, 20, 2, 1, 8, 8, [20]),       # a run of chunks capped at the capacity (one read of all 20 keys)
 ])
 def test_cached_attention_equals_dense(B, N, S, H, K, E, kb, lens):
     """The verify / decode path (chunks up to the longest committed length, online softmax) equals

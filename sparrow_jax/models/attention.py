@@ -36,6 +36,7 @@ DENSE_SCORE_LIMIT = 1 << 21
 Q_BLOCK = 256
 KV_BLOCK = 512
 DECODE_KV_BLOCK = 1024  # cache keys per chunk of `cached_attention` (a chunk's K/V, transposed, stays in L2)
+BIG_CHUNKS = 4  # `cached_attention` reads whole runs of 4 chunks at once first (fewer loop trips on long caches)
 GEMM_MAX_COLUMNS = 8  # cached_attention: K*G*T query columns up to which each chunk is read by plain GEMMs
 
 
@@ -196,8 +197,8 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
 
 def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK,
                      gemm_columns: int = GEMM_MAX_COLUMNS):
-    """Verify / decode (xla): the committed cache read in chunks of `kv_block` keys, only up to the
-    longest row's committed length (a dynamic trip count: the cost follows the committed length, not
+    """Verify / decode (xla): the committed cache read in chunks (runs of BIG_CHUNKS * `kv_block` keys, then
+    `kv_block`: `_over_cache_chunks`), only up to the longest row's committed length (a dynamic trip count: the cost follows the committed length, not
     the capacity bucket), with an online softmax; then the new block under its mask. Equals
     `dense_attention` up to fp32 rounding. Queries are grouped per KV head as [B, K, G*T, E] once and
     each chunk is transposed to [B, K, kv_block, E] (cache-resident), so both products are batched
@@ -211,7 +212,6 @@ def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v
     if K * G * T <= gemm_columns:
         return _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
                                       kv_block=kv_block)
-    kb = min(kv_block, S)
     q_BKME = (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)  # row m = g * T + t
               * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
     kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
@@ -229,21 +229,42 @@ def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v
                                                  preferred_element_type=jnp.float32)
         return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
 
-    def chunk(i, carry):
-        start = jnp.minimum(i * kb, S - kb)  # the last chunk may overlap the one before: masked below
-        k_c = heads_first(jax.lax.dynamic_slice_in_dim(k_BSKE, start, kb, axis=1))
-        v_c = heads_first(jax.lax.dynamic_slice_in_dim(v_BSKE, start, kb, axis=1))
-        idx = start + jnp.arange(kb)
-        vis = ((idx[None] < kv_len_B[:, None]) & (idx[None] >= i * kb))[:, None, None, :]
-        return online(carry, k_c, v_c, vis)
+    def chunk(k_BsKE, v_BsKE, vis_Bs, carry):
+        return online(carry, heads_first(k_BsKE), heads_first(v_BsKE), vis_Bs[:, None, None, :])
 
     init = (jnp.full((B, K, G * T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G * T), jnp.float32),
             jnp.zeros((B, K, G * T, E), jnp.float32))
-    carry = jax.lax.fori_loop(0, (jnp.max(kv_len_B) + kb - 1) // kb, chunk, init)
+    carry = _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block, chunk, init)
     vis_blk = jnp.tile(mask.block_mask_BTN.astype(bool), (1, G, 1))[:, None]  # [B, 1, G*T, N]
     _, l_f, acc = online(carry, heads_first(block_k), heads_first(block_v), vis_blk)
     o_BKME = acc / jnp.maximum(l_f, 1e-30)[..., None]
     return o_BKME.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BTHE.dtype)
+
+
+def _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block: int, chunk, carry):
+    """Fold `chunk(k_BsKE, v_BsKE, visible_Bs, carry)` over the committed cache, up to the longest row's length:
+    chunks of BIG_CHUNKS * kv_block keys for the whole ones, then chunks of kv_block for the rest (fewer loop trips
+    and per-chunk ops on long caches, reads past the length bounded by kv_block). A chunk that would run past the
+    capacity is slid back to end at it; keys it re-reads (before its nominal start) are masked out."""
+    S = k_BSKE.shape[1]
+    max_len = jnp.max(kv_len_B)
+
+    def loop(first, count, size, carry):
+        def body(i, carry):
+            nominal = first + i * size
+            start = jnp.minimum(nominal, S - size)
+            idx = start + jnp.arange(size)
+            vis = (idx[None] < kv_len_B[:, None]) & (idx[None] >= nominal)
+            return chunk(jax.lax.dynamic_slice_in_dim(k_BSKE, start, size, axis=1),
+                         jax.lax.dynamic_slice_in_dim(v_BSKE, start, size, axis=1), vis, carry)
+        return jax.lax.fori_loop(0, count, body, carry)
+
+    kb = min(kv_block, S)
+    big = min(BIG_CHUNKS * kb, S)
+    n_big = max_len // big if big > kb else 0
+    carry = loop(0, n_big, big, carry)
+    done = n_big * big
+    return loop(done, (max_len - done + kb - 1) // kb, kb, carry)
 
 
 def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int):
@@ -257,7 +278,6 @@ def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, b
     G, F = H // K, K * E
     M = G * T
     C = K * M
-    kb = min(kv_block, S)
     q_BKME = (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, M, E)  # row m = g * T + t
               * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
     eye_KK = jnp.eye(K, dtype=q_BTHE.dtype)
@@ -276,16 +296,13 @@ def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, b
                                                  preferred_element_type=jnp.float32)
         return m_new, l_i * corr + jnp.sum(p, axis=1), acc
 
-    def chunk(i, carry):
-        start = jnp.minimum(i * kb, S - kb)  # the last chunk may overlap the one before: masked below
-        idx = start + jnp.arange(kb)
-        vis = ((idx[None] < kv_len_B[:, None]) & (idx[None] >= i * kb))[:, :, None]
-        return online(carry, jax.lax.dynamic_slice_in_dim(k_BSKE, start, kb, axis=1).reshape(B, kb, F),
-                      jax.lax.dynamic_slice_in_dim(v_BSKE, start, kb, axis=1).reshape(B, kb, F), vis)
+    def chunk(k_BsKE, v_BsKE, vis_Bs, carry):
+        n = k_BsKE.shape[1]
+        return online(carry, k_BsKE.reshape(B, n, F), v_BsKE.reshape(B, n, F), vis_Bs[:, :, None])
 
     init = (jnp.full((B, C), -jnp.inf, jnp.float32), jnp.zeros((B, C), jnp.float32),
             jnp.zeros((B, C, F), jnp.float32))
-    carry = jax.lax.fori_loop(0, (jnp.max(kv_len_B) + kb - 1) // kb, chunk, init)
+    carry = _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block, chunk, init)
     N = block_k.shape[1]
     vis_blk = jnp.broadcast_to(mask.block_mask_BTN.astype(bool).transpose(0, 2, 1)[:, :, None, None, :],
                                (B, N, K, G, T)).reshape(B, N, C)  # column (j, g, t) of node n
