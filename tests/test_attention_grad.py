@@ -36,6 +36,8 @@ def _rel_err(a, b):
     (3, 70, 4, 2, 8, True, [70, 45, 0], 16, 32),     # GQA 2, causal, a short row and a fully padded row
     (2, 100, 6, 1, 16, True, [100, 37], 64, 16),     # MQA, blocks not dividing T
     (3, 50, 4, 4, 8, False, [50, 1, 0], 32, 16),     # bidirectional (vision segments), per-row lengths
+    (2, 96, 4, 2, 8, True, [96, 96], 16, 16),        # full rows: most key blocks are seen whole (no mask)
+    (2, 64, 4, 2, 8, False, [64, 60], 8, 16),         # bidirectional, blocks inside every length whole
 ])
 def test_blockwise_forward_and_gradient_equal_dense(B, T, H, K, E, causal, lens, qb, kb):
     q, k, v, w = _qkv(0, B, T, H, K, E)
