@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: a header with command/machine/date/versions, and JSON-lines output."""
+"""Shared benchmark plumbing: a header with command/machine/date/versions/commit, and JSON-lines output."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,21 @@ def environment() -> dict:
         "jax": jax.__version__,
         "flax": flax.__version__,
         "python": platform.python_version(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str | None:
+    """The checkout measured: short commit, '+dirty' with uncommitted changes to tracked files; None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def median_time(fn, repeats: int) -> float:

@@ -64,7 +64,7 @@ def run(args) -> list[dict]:
         "lm_prefill": lm,
     }
     env = environment()
-    common = {"bench": "prefill_profile", **env, "target": str(target_dir), "seconds": args.seconds,
+    common = {"bench": "prefill_profile", **env, "code": args.label, "target": str(target_dir), "seconds": args.seconds,
               "visual_tokens": int(batch.vis_len_B[0]), "prompt_tokens": int(batch.input_ids_BT.shape[1]),
               "repeats": args.repeats}
     records = []
@@ -102,6 +102,7 @@ def build_parser():
     ap.add_argument("--target", help="HF checkpoint directory (default: the shipped tiny target)")
     ap.add_argument("--seconds", type=int, default=256, help="video length (the shipped target: 16 visual tokens/s)")
     ap.add_argument("--seed", type=int, default=demo.SAMPLE_SEED)
+    ap.add_argument("--label", help="names the code measured (field `code`), e.g. for before/after runs of two checkouts")
     ap.add_argument("--dense-score-limit", type=int, default=None,
                     help="DENSE_SCORE_LIMIT for the --blocks cells (0: every LM attention blockwise; default: "
                          "the library's)")

@@ -32,7 +32,7 @@ def test_rows_carry_the_sweep_fields_and_sparrow_equals_ar(sweep):
     lines = [json.loads(x) for x in (d / "out.jsonl").read_text().splitlines()]
     assert [r["method"] for r in lines] == ["ar", "sparrow"] == [r["method"] for r in rows]
     for r in lines:
-        assert {"command", "machine", "date", "jax", "flax", "definitions"} <= set(r)
+        assert {"command", "machine", "date", "jax", "flax", "commit", "definitions"} <= set(r)
         assert r["study"] == "length_sweep" and r["length_s"] == 8 and r["temperature"] == 0.0
         assert r["visual_tokens"] == 128 and r["new_tokens"] == 8 and r["scenes"] == 1
         assert r["DSR"] > 0 and r["ESR"] > 0 and 0 < r["prefill_share_ar"] < 1
