@@ -102,7 +102,8 @@ def build_parser():
     ap.add_argument("--target", help="HF checkpoint directory (default: the shipped tiny target)")
     ap.add_argument("--seconds", type=int, default=256, help="video length (the shipped target: 16 visual tokens/s)")
     ap.add_argument("--seed", type=int, default=demo.SAMPLE_SEED)
-    ap.add_argument("--label", help="names the code measured (field `code`), e.g. for before/after runs of two checkouts")
+    ap.add_argument("--label",
+                    help="names the code measured (field `code`), e.g. for before/after runs of two checkouts")
     ap.add_argument("--dense-score-limit", type=int, default=None,
                     help="DENSE_SCORE_LIMIT for the --blocks cells (0: every LM attention blockwise; default: "
                          "the library's)")

@@ -32,7 +32,8 @@ from pallas_kernels import dispatch
 # at 512 visual tokens, batch 8: 5.3 -> 4.5 s); dense stays faster only on small problems (400 tokens: 2.1 vs 2.9 ms).
 DENSE_SCORE_LIMIT = 1 << 21
 # Blockwise (prefill / training) block sizes, measured on XLA:CPU (BENCHMARKS "Prefill at long video"): with the
-# pre-transposed forward 256 x 512 beat 128 x 1024 and 512 x 512 (LM prefill at 16k tokens 9.3 / 7.8 -> 7.4 s).
+# per-KV-head layout 256 x 512 was the fastest at 1.6k and 4k tokens (LM prefill 0.21 / 0.77 s) and 11 % behind
+# 512 x 512 at 16k (7.75 vs 6.86 s, one run each); 128 x 1024, the old default, was behind at every length.
 Q_BLOCK = 256
 KV_BLOCK = 512
 DECODE_KV_BLOCK = 1024  # cache keys per chunk of `cached_attention` (a chunk's K/V, transposed, stays in L2)
@@ -198,9 +199,9 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
 def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK,
                      gemm_columns: int = GEMM_MAX_COLUMNS):
     """Verify / decode (xla): the committed cache read in chunks (runs of BIG_CHUNKS * `kv_block` keys, then
-    `kv_block`: `_over_cache_chunks`), only up to the longest row's committed length (a dynamic trip count: the cost follows the committed length, not
-    the capacity bucket), with an online softmax; then the new block under its mask. Equals
-    `dense_attention` up to fp32 rounding. Queries are grouped per KV head as [B, K, G*T, E] once and
+    `kv_block`: `_over_cache_chunks`), only up to the longest row's committed length (a dynamic trip count: the
+    cost follows the committed length, not the capacity bucket), with an online softmax; then the new block
+    under its mask. Equals `dense_attention` up to fp32 rounding. Queries are grouped per KV head as [B, K, G*T, E] once and
     each chunk is transposed to [B, K, kv_block, E] (cache-resident), so both products are batched
     GEMMs with the batch dims leading: einsums over the [B, S, K, E] cache with K in the middle make
     XLA:CPU transpose the whole cache, or run its slow dot path (roofline section of BENCHMARKS)."""
@@ -397,7 +398,7 @@ def _flash_forward(st: _Flash, q_BTHE, k_BSKE, v_BSKE, kv_len_B):
     Laid out once for XLA:CPU's batched GEMMs (batch dims leading, no transpose inside the loops): the queries
     pre-scaled as [nq, B, K, G*qb, E], keys and values as [nk, B, K, kb, E]. Key blocks every query of the block
     sees whole skip the mask; only the diagonal / ragged-end blocks build it. LM prefill at 16k tokens on the
-    shipped target: 12.0 -> 7.4 s with this layout and 256 x 512 blocks (BENCHMARKS "Prefill at long video")."""
+    shipped target: 11.1 -> 7.7 s with this layout and 256 x 512 blocks (BENCHMARKS "Prefill at long video")."""
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[2]
     G = H // K
