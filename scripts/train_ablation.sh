@@ -3,7 +3,9 @@
 # two-stage recipe, and decode them beside the shipped Sparrow / EAGLE / MSD-style drafts at 8 s and 1,024 s.
 # Table and walls: BENCHMARKS.md "Ablation" (rendered from bench/results/ablation.jsonl).
 #
-#   bash scripts/train_ablation.sh           # about 45 min on 2 cores (features reused if present)
+#   bash scripts/train_ablation.sh           # about 40 min on 2 cores (features reused if present)
+#
+# BENCHMARKS' 16k table is a rerun of the sweep with --lengths 1024 --scenes 1 --repeats 5 (quieter timing).
 #
 # Variants (each differs from the shipped Sparrow only in its stage-1 switches; stage 2 is the same for all):
 #   mtp_only                   VATA + MTP 2, no IVSB
@@ -14,7 +16,8 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 SWEEP=${SWEEP:-1}  # SWEEP=0: train only
 
-for pair in mtp_only:mtp_only ivsb_only:ivsb_only sparrow_no_bridge_dropout:sparrow_nodrop; do
+VARIANTS="mtp_only:mtp_only ivsb_only:ivsb_only sparrow_no_bridge_dropout:sparrow_nodrop"  # config name:run name
+for pair in $VARIANTS; do
   c=${pair%%:*} d=${pair#*:}
   [ -f "runs/draft_$d/export/model.safetensors" ] || \
     python train.py --config "configs/ablation/train_tiny_draft_$c.json" --export "runs/draft_$d/export"
@@ -22,7 +25,7 @@ done
 [ -d runs/long_clips/features_text ] || \
   python train.py --config configs/train_tiny_draft_sparrow_long.json --extract-features runs/long_clips/features_text \
       --extract-batch 1 --shard-size 32
-for pair in mtp_only:mtp_only ivsb_only:ivsb_only sparrow_no_bridge_dropout:sparrow_nodrop; do
+for pair in $VARIANTS; do
   c=${pair%%:*} d=${pair#*:}
   python train.py --config "configs/ablation/train_tiny_draft_${c}_long.json" --export "runs/long_clips/draft_$d/export"
 done
