@@ -156,11 +156,13 @@ def run(args) -> list[dict]:
     from sparrow_jax.decoding import autoregressive, engine  # noqa: PLC0415
     from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
     from sparrow_jax.models import kv_cache, target as tg  # noqa: PLC0415
-    from sparrow_jax.models.attention import DECODE_KV_BLOCK, GEMM_MAX_COLUMNS, AttentionImpl  # noqa: PLC0415
+    from sparrow_jax.models.attention import (DECODE_KV_BLOCK, GEMM_MAX_COLUMNS, WHOLE_CACHE_FILL,  # noqa: PLC0415
+                                              AttentionImpl)
     from sparrow_jax.models.qwen2_5_vl import Qwen25VL  # noqa: PLC0415
 
-    impls = {(cb, gc): AttentionImpl(args.impl, cache_block=cb, gemm_columns=gc)
-             for cb in (args.cache_blocks or [DECODE_KV_BLOCK]) for gc in (args.gemm_columns or [GEMM_MAX_COLUMNS])}
+    impls = {(cb, gc, wf): AttentionImpl(args.impl, cache_block=cb, gemm_columns=gc, whole_cache_fill=wf)
+             for cb in (args.cache_blocks or [DECODE_KV_BLOCK]) for gc in (args.gemm_columns or [GEMM_MAX_COLUMNS])
+             for wf in (args.whole_cache_fill or [WHOLE_CACHE_FILL])}
     trees = [TreeSpec.parse(t) for t in args.trees]
     slack = max([engine.EngineConfig(tree=t, max_new_tokens=args.max_new_tokens).cache_slack for t in trees] + [1])
     if args.ar_steps + 1 > args.max_new_tokens or args.verify_rounds * max([t.max_draft_tokens for t in trees] + [0]) > slack + args.max_new_tokens:
@@ -209,9 +211,9 @@ def run(args) -> list[dict]:
                 ks.append(jax.random.normal(a, shape, jnp.float32))
                 vs.append(jax.random.normal(b, shape, jnp.float32))
             template = kv_cache.KVCache(tuple(ks), tuple(vs), jnp.full((B,), committed, jnp.int32))
-            for (cb, gc), impl in impls.items():
+            for (cb, gc, wf), impl in impls.items():
                 base = dict(committed=committed, capacity=capacity, template=template, cache_block=cb,
-                            gemm_columns=gc, impl=impl)
+                            gemm_columns=gc, whole_cache_fill=wf, impl=impl)
                 cells.append(dict(base, step="ar", nodes=1, tree=None))
                 for spec in trees:
                     cells.append(dict(base, step="verify", nodes=spec.total_tokens, tree=str(spec),
@@ -247,6 +249,7 @@ def run(args) -> list[dict]:
             cell["first_call_s"] = round(call(cell, lo) + call(cell, hi), 3)
             print(f"[roofline] {name}: compiled {cell['step']} {cell['tree'] or ''} P={cell['committed']} "
                   f"cache_block={cell['cache_block']} gemm_columns={cell['gemm_columns']} "
+                  f"whole_cache_fill={cell['whole_cache_fill']:.3g} "
                   f"cap={cell['capacity']} ({i + 1}/{len(cells)}, {cell['first_call_s']} s)", flush=True)
             cell["lo"], cell["hi"] = [], []
         for r in range(args.repeats):  # interleaved: every cell sees the same machine conditions
@@ -277,7 +280,8 @@ def run(args) -> list[dict]:
             flop_s = cost["flops"] / rates["matmul_flops_per_s"]
             floor = max(mem_s, flop_s)
             step_ms = float(np.median(per)) * 1e3
-            rec = {**common, "cache_block": cell["cache_block"], "gemm_columns": cell["gemm_columns"], "step": cell["step"], "tree": cell["tree"],
+            rec = {**common, "cache_block": cell["cache_block"], "gemm_columns": cell["gemm_columns"],
+                   "whole_cache_fill": round(cell["whole_cache_fill"], 4), "step": cell["step"], "tree": cell["tree"],
                    "nodes": cell["nodes"],
                    "committed": cell["committed"], "capacity": cell["capacity"],
                    "probe": cell["capacity"] != autoregressive.cache_capacity(tg.bucket(cell["committed"]),
@@ -301,13 +305,14 @@ def run(args) -> list[dict]:
 
 
 def variant(r) -> tuple:
-    """The attention settings a record was timed with (older records have no gemm_columns)."""
-    return r.get("cache_block"), r.get("gemm_columns")
+    """The attention settings a record was timed with (older records have no gemm_columns / whole_cache_fill)."""
+    return r.get("cache_block"), r.get("gemm_columns"), r.get("whole_cache_fill")
 
 
 def variant_label(v) -> str:
-    cb, gc = v
-    return f"chunk {cb}" + (f", GEMM <= {gc} cols" if gc is not None else "")
+    cb, gc, wf = v
+    return (f"chunk {cb}" + (f", GEMM <= {gc} cols" if gc is not None else "")
+            + (f", whole from {wf:.2g}" if wf is not None else ""))
 
 
 def print_table(records):
@@ -464,6 +469,9 @@ def build_parser():
     ap.add_argument("--gemm-columns", type=int, nargs="+", default=None,
                     help="query columns (KV heads x group x nodes) up to which a cache read runs as plain GEMMs, "
                          "each its own cells (crossed with --cache-blocks); default: the library's")
+    ap.add_argument("--whole-cache-fill", type=float, nargs="+", default=None,
+                    help="fill of the capacity from which a GEMM-form cache read takes the whole cache in one pass "
+                         "(0 = always, above 1 = never), each its own cells; default: the library's")
     ap.add_argument("--label", default="", help="names the code measured in each record (field `code`), e.g. for "
                     "before/after runs of two checkouts")
     ap.add_argument("--stream-mib", type=int, default=512, help="array size of the bandwidth probe")

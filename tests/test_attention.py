@@ -102,7 +102,8 @@ def test_cache_plus_block_tree_mask():
     (2, 1, 45, 4, 2, 8, 16, [45, 3]),   # AR step, GQA 2: the block-diagonal GEMM form (K*G*T <= 8)
     (2, 2, 33, 2, 2, 16, 8, [9, 33]),   # a 2-node chain, MHA: GEMM form
     (2, 3, 150, 4, 2, 8, 8, [150, 70]),  # runs of 4 chunks (4 x 32), then 3 chunks (the last slid back)
-    (2, 1, 100, 4, 2, 8, 8, [100, 33]),  # the same in the GEMM form
+    (2, 1, 100, 4, 2, 8, 8, [100, 33]),  # the same in the GEMM form (whole cache read: 100 >= 2/3 of it)
+    (2, 1, 100, 4, 2, 8, 8, [50, 3]),   # GEMM form below 2/3 of the capacity: the chunk loop
     (1, 2, 20, 2, 1, 8, 8, [20]),       # a run of chunks capped at the capacity (one read of all 20 keys)
 ])
 def test_cached_attention_equals_dense(B, N, S, H, K, E, kb, lens):
@@ -122,7 +123,9 @@ def test_cached_attention_equals_dense(B, N, S, H, K, E, kb, lens):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
     for impl in (attn_lib.XLA, attn_lib.AttentionImpl(cache_block=kb), attn_lib.AttentionImpl(cache_block=0),
                  attn_lib.AttentionImpl(cache_block=kb, gemm_columns=0),  # transposed chunks at every size
-                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20)):  # GEMMs at every size
+                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20),  # GEMMs at every size
+                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20, whole_cache_fill=0),  # whole cache
+                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20, whole_cache_fill=2)):  # chunks
         routed = attn_lib.attention(q, ck, cv, mask, block_k=bk, block_v=bv, impl=impl)
         np.testing.assert_allclose(np.asarray(routed), np.asarray(ref), atol=2e-6, rtol=1e-5)
 
@@ -133,3 +136,6 @@ def test_cache_block_is_validated():
             attn_lib.AttentionImpl(cache_block=bad)
         with pytest.raises(ValueError, match="gemm_columns"):
             attn_lib.AttentionImpl(gemm_columns=bad)
+    for bad in (-0.5, None, "all"):
+        with pytest.raises(ValueError, match="whole_cache_fill"):
+            attn_lib.AttentionImpl(whole_cache_fill=bad)

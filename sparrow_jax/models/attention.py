@@ -39,6 +39,10 @@ KV_BLOCK = 512
 DECODE_KV_BLOCK = 1024  # cache keys per chunk of `cached_attention` (a chunk's K/V, transposed, stays in L2)
 BIG_CHUNKS = 4  # `cached_attention` reads whole runs of 4 chunks at once first (fewer loop trips on long caches)
 GEMM_MAX_COLUMNS = 8  # cached_attention: K*G*T query columns up to which each chunk is read by plain GEMMs
+# The GEMM form reads the whole capacity in one pass once the longest row fills this much of it: a chunk loop
+# copies each chunk out of the cache before its GEMMs (XLA:CPU cannot fuse a dynamic slice into a dot), ~1.5x the
+# cost per key of GEMMs straight on the cache buffer (BENCHMARKS, roofline: whole-cache reads)
+WHOLE_CACHE_FILL = 2 / 3
 
 
 @jax.tree_util.register_dataclass
@@ -66,7 +70,8 @@ class AttentionImpl:
     kind "xla": plain jnp (dense, blockwise past `DENSE_SCORE_LIMIT`; verify / decode over a cache in
     chunks of `cache_block` keys, `cached_attention`, or dense over the whole capacity with 0: the
     reference; blocks of at most `gemm_columns` query columns (K*G*T) by plain GEMMs on the cache's own
-    layout, larger ones on transposed chunks). kind "pallas": the kernels of `pallas_kernels`, routed per call by shape
+    layout, larger ones on transposed chunks; those read the whole capacity in one pass, without the chunk loop, once
+    the longest row fills `whole_cache_fill` of it — above 1: never). kind "pallas": the kernels of `pallas_kernels`, routed per call by shape
     (`dispatch.route`), with `blocks`' block sizes (None: the backend's defaults,
     `dispatch.default_config()`, resolved at trace time); a call they cannot take runs the xla path."""
 
@@ -74,6 +79,7 @@ class AttentionImpl:
     blocks: dispatch.DispatchConfig | None = None
     cache_block: int = DECODE_KV_BLOCK
     gemm_columns: int = GEMM_MAX_COLUMNS
+    whole_cache_fill: float = WHOLE_CACHE_FILL
 
     def __post_init__(self):
         if self.kind not in IMPL_KINDS:
@@ -88,6 +94,9 @@ class AttentionImpl:
         if not isinstance(self.gemm_columns, int) or self.gemm_columns < 0:
             raise ValueError(f"attention impl gemm_columns {self.gemm_columns!r}: expected an int >= 0 (query "
                              "columns K*G*T up to which a cache read runs as plain GEMMs; 0 = never)")
+        if not isinstance(self.whole_cache_fill, (int, float)) or not self.whole_cache_fill >= 0:
+            raise ValueError(f"attention impl whole_cache_fill {self.whole_cache_fill!r}: expected a number >= 0 "
+                             "(fill of the capacity from which a GEMM-form cache read takes it whole; > 1 = never)")
 
     @classmethod
     def of(cls, value: AttentionImpl | str) -> AttentionImpl:
@@ -123,30 +132,32 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=N
                                        config=cfg)
         dispatch.log_fallback(reason)
         return _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask, block_k, block_v, cache_block=impl.cache_block,
-                             gemm_columns=impl.gemm_columns)
+                             gemm_columns=impl.gemm_columns, whole_cache_fill=impl.whole_cache_fill)
     return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=impl.cache_block,
-                          gemm_columns=impl.gemm_columns)
+                          gemm_columns=impl.gemm_columns, whole_cache_fill=impl.whole_cache_fill)
 
 
 def _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None,
-                   cache_block: int = DECODE_KV_BLOCK, gemm_columns: int = GEMM_MAX_COLUMNS):
+                   cache_block: int = DECODE_KV_BLOCK, gemm_columns: int = GEMM_MAX_COLUMNS,
+                   whole_cache_fill: float = WHOLE_CACHE_FILL):
     B, T, H, _ = q_BTHE.shape
     S = k_BSKE.shape[1]
     if block_k is not None:  # verify / decode over a cache
         if cache_block == 0 or mask.causal:
             return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
         return cached_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, kv_block=cache_block,
-                                gemm_columns=gemm_columns)
+                                gemm_columns=gemm_columns, whole_cache_fill=whole_cache_fill)
     if B * H * T * S > DENSE_SCORE_LIMIT:
         return blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask)
     return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask)
 
 
-@dispatch.routed("xla", static_argnames=("cache_block", "gemm_columns"))
-def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v, *, cache_block: int, gemm_columns: int):
+@dispatch.routed("xla", static_argnames=("cache_block", "gemm_columns", "whole_cache_fill"))
+def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v, *, cache_block: int, gemm_columns: int,
+                  whole_cache_fill: float):
     """The XLA path for a call the kernels cannot take (named, so `dispatch.routes_in` sees it)."""
     return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=cache_block,
-                          gemm_columns=gemm_columns)
+                          gemm_columns=gemm_columns, whole_cache_fill=whole_cache_fill)
 
 
 def _group(q_BTHE, num_kv_heads):
@@ -197,7 +208,7 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
 
 
 def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK,
-                     gemm_columns: int = GEMM_MAX_COLUMNS):
+                     gemm_columns: int = GEMM_MAX_COLUMNS, whole_cache_fill: float = WHOLE_CACHE_FILL):
     """Verify / decode (xla): the committed cache read in chunks (runs of BIG_CHUNKS * `kv_block` keys, then
     `kv_block`: `_over_cache_chunks`), only up to the longest row's committed length (a dynamic trip count: the
     cost follows the committed length, not the capacity bucket), with an online softmax; then the new block
@@ -212,7 +223,7 @@ def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v
     G = H // K
     if K * G * T <= gemm_columns:
         return _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
-                                      kv_block=kv_block)
+                                      kv_block=kv_block, whole_cache_fill=whole_cache_fill)
     q_BKME = (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)  # row m = g * T + t
               * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
     kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
@@ -268,12 +279,16 @@ def _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block: int, chunk, carry):
     return loop(done, (max_len - done + kb - 1) // kb, kb, carry)
 
 
-def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int):
-    """`cached_attention` for a few query rows (AR decode, short chains): each chunk is read in the cache's
-    own [B, chunk, K*E] layout by two plain GEMMs, the queries packed as a block-diagonal [K*E, K*G*T]
-    matrix (column (j, m) reads head j only). K times the FLOPs of per-head products — nothing on a
-    memory-bound step with few columns — and no transposes or batched small dots
-    (roofline: the AR step at 4k–16k ~25 % faster than the transposed chunks)."""
+def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int,
+                           whole_cache_fill: float):
+    """`cached_attention` for a few query rows (AR decode, short chains): the cache is read in its own
+    [B, S, K*E] layout by two plain GEMMs, the queries packed as a block-diagonal [K*G*T, K*E] matrix
+    (column (j, m) reads head j only). K times the FLOPs of per-head products — nothing on a memory-bound
+    step with few columns — and no transposes or batched small dots (roofline: the AR step at 4k–16k ~25 %
+    faster than the transposed chunks). Once the longest row fills `whole_cache_fill` of the capacity the
+    GEMMs run on the whole cache buffer in one pass (a runtime `cond`), below it on chunks up to the
+    length, which XLA:CPU copies out of the cache first. Scores are [B, columns, keys]: keys minor, so the
+    softmax's exp runs vectorised (the [B, keys, columns] layout measured ~2x slower there)."""
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     G, F = H // K, K * E
@@ -282,31 +297,43 @@ def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, b
     q_BKME = (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, M, E)  # row m = g * T + t
               * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
     eye_KK = jnp.eye(K, dtype=q_BTHE.dtype)
-    q_BFC = (q_BKME.transpose(0, 1, 3, 2)[:, :, :, None, :] * eye_KK[None, :, None, :, None]).reshape(B, F, C)
+    q_BCF = (q_BKME[:, :, :, None, :] * eye_KK[None, :, None, :, None]).reshape(B, C, F)
     kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
 
-    def online(carry, k_BsF, v_BsF, vis_BsC):
+    def online(carry, k_BsF, v_BsF, vis_BCs):
         m_i, l_i, acc = carry  # [B, C], [B, C], [B, C, F]
-        s_BsC = jnp.einsum("bsf,bfc->bsc", k_BsF, q_BFC, preferred_element_type=jnp.float32)
-        s_BsC = jnp.where(vis_BsC, s_BsC, -jnp.inf)
-        m_new = jnp.maximum(m_i, jnp.max(s_BsC, axis=1))
+        s_BCs = jnp.einsum("bcf,bsf->bcs", q_BCF, k_BsF, preferred_element_type=jnp.float32)
+        s_BCs = jnp.where(vis_BCs, s_BCs, -jnp.inf)
+        m_new = jnp.maximum(m_i, jnp.max(s_BCs, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s_BsC - m_safe[:, None]) * vis_BsC
+        p = jnp.exp(s_BCs - m_safe[..., None]) * vis_BCs
         corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
-        acc = acc * corr[..., None] + jnp.einsum("bsc,bsf->bcf", p.astype(v_BsF.dtype), v_BsF,
+        acc = acc * corr[..., None] + jnp.einsum("bcs,bsf->bcf", p.astype(v_BsF.dtype), v_BsF,
                                                  preferred_element_type=jnp.float32)
-        return m_new, l_i * corr + jnp.sum(p, axis=1), acc
+        return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
 
     def chunk(k_BsKE, v_BsKE, vis_Bs, carry):
         n = k_BsKE.shape[1]
-        return online(carry, k_BsKE.reshape(B, n, F), v_BsKE.reshape(B, n, F), vis_Bs[:, :, None])
+        return online(carry, k_BsKE.reshape(B, n, F), v_BsKE.reshape(B, n, F), vis_Bs[:, None, :])
 
     init = (jnp.full((B, C), -jnp.inf, jnp.float32), jnp.zeros((B, C), jnp.float32),
             jnp.zeros((B, C, F), jnp.float32))
-    carry = _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block, chunk, init)
+
+    def whole():
+        return chunk(k_BSKE, v_BSKE, jnp.arange(S)[None] < kv_len_B[:, None], init)
+
+    def chunked():
+        return _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block, chunk, init)
+
+    if S <= kv_block or whole_cache_fill <= 0:  # one chunk is the whole cache anyway
+        carry = whole()
+    elif whole_cache_fill > 1:
+        carry = chunked()
+    else:
+        carry = jax.lax.cond(jnp.max(kv_len_B) >= math.ceil(whole_cache_fill * S), whole, chunked)
     N = block_k.shape[1]
-    vis_blk = jnp.broadcast_to(mask.block_mask_BTN.astype(bool).transpose(0, 2, 1)[:, :, None, None, :],
-                               (B, N, K, G, T)).reshape(B, N, C)  # column (j, g, t) of node n
+    vis_blk = jnp.broadcast_to(mask.block_mask_BTN.astype(bool)[:, None, None, :, :],
+                               (B, K, G, T, N)).reshape(B, C, N)  # column (j, g, t) of node n
     _, l_f, acc = online(carry, block_k.reshape(B, N, F), block_v.reshape(B, N, F), vis_blk)
     o_BKMKE = (acc / jnp.maximum(l_f, 1e-30)[..., None]).reshape(B, K, M, K, E)
     o_BKME = jnp.einsum("bkmje,kj->bkme", o_BKMKE, eye_KK)  # each column's own head
