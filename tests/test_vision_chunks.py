@@ -62,9 +62,14 @@ def test_plan_shapes():
     v = _tiny.our_config().vision
     # 7 groups, 3 per chunk: 3 + 3 + 1 (padded to 3)
     assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * 7, v, 3 * HW)] == [(3, 3), (3, 3), (3, 1)]
-    # a run shorter than the budget: one chunk, G rounded up to a power of two (and never past the budget)
-    assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * 5, v, 100 * HW)] == [(8, 5)]
-    assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * 5, v, 6 * HW)] == [(6, 5)]
+    # a run shorter than the budget: one chunk, G rounded up to one of 4 sizes per doubling past 8 groups
+    # (never past the budget): exact up to 8, then multiples of 2, 4, ... -- padding under a quarter
+    assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * 5, v, 100 * HW)] == [(5, 5)]
+    for n, want in [(9, 10), (12, 12), (17, 20), (96, 96), (97, 112), (129, 160)]:
+        assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * n, v, 1000 * HW)] == [(want, n)]
+    assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * 11, v, 11 * HW)] == [(11, 11)]
+    assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * 11, v, 11 * HW + 1)] == [(11, 11)]
+    assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)] * 9, v, 9 * HW)] == [(9, 9)]
     # an image is one group: one chunk of G = 1, whatever the budget
     assert [(G, valid) for _, _, G, _, _, valid in vision_chunks([(4, 6)], v, 1)] == [(1, 1)]
 

@@ -100,13 +100,22 @@ def chunk_layout(groups: int, h: int, w: int, vcfg: VisionConfig) -> VisionLayou
     return vision_layout([(groups, h, w)], vcfg)
 
 
+def _round_groups(n: int) -> int:
+    """n rounded up to a multiple of 2^(bits(n - 1) - 3): exact up to 8, then 4 sizes per doubling
+    (e.g. 9 -> 10, 96 -> 96, 97 -> 112, 129 -> 160)."""
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
 def vision_chunks(group_hw, vcfg: VisionConfig, chunk_patches: int):
     """Split frame groups (temporal patches; [n, 2] their (h, w) in pixel-row order) into tower calls of
     at most ~`chunk_patches` patches. Frame groups are independent in the tower (windows and full-attention
     segments never cross one; rotary positions restart in each), so consecutive groups of one size can run
     as one (G, h, w) grid, whichever visual they come from. G is the largest group count within
-    `chunk_patches` (at least 1), or for a shorter run the next power of two: few shapes, few compiles.
-    Returns [(first row, rows, G, h, w, valid groups)]; a chunk with fewer valid groups than G is padded."""
+    `chunk_patches` (at least 1), or for a shorter run that run rounded up to one of four sizes per doubling
+    (`_round_groups`): few shapes, few compiles, under a quarter of a chunk's tower work spent on padding
+    (the next power of two padded a 96-group run to 128). Returns [(first row, rows, G, h, w, valid groups)];
+    a chunk with fewer valid groups than G is padded."""
     group_hw = np.asarray(group_hw).reshape(-1, 2)
     out, g, row = [], 0, 0
     while g < len(group_hw):
@@ -117,7 +126,7 @@ def vision_chunks(group_hw, vcfg: VisionConfig, chunk_patches: int):
         most = max(1, chunk_patches // (h * w))
         for start in range(0, run, most):
             valid = min(most, run - start)
-            G = most if run > most else min(most, 1 << (valid - 1).bit_length())
+            G = most if run > most else min(most, _round_groups(valid))
             out.append((row, valid * h * w, G, h, w, valid))
             row += valid * h * w
         g += run
