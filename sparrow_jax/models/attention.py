@@ -179,10 +179,13 @@ def _main_mask(mask: MaskSpec, T: int, S: int, q_start=0, k_start=0):
 
 
 def _masked_softmax(s, m):
+    """Softmax over the visible scores; a row with none gives zeros. Hidden scores are -inf, so exp gives
+    exactly 0 there without multiplying by the mask (which XLA:CPU materialised as a float array of the
+    scores' size: ~9 ms per vision-tower call at 6k patches)."""
     s = jnp.where(m, s, -jnp.inf)
     mx = jnp.max(s, axis=-1, keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    p = jnp.exp(s - mx) * m
+    p = jnp.exp(s - mx)
     return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
 
 
@@ -235,7 +238,7 @@ def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v
         s_BKMS = jnp.where(vis_BKMS, s_BKMS, -jnp.inf)
         m_new = jnp.maximum(m_i, jnp.max(s_BKMS, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s_BKMS - m_safe[..., None]) * vis_BKMS
+        p = jnp.exp(s_BKMS - m_safe[..., None])  # hidden scores are -inf: 0
         corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
         acc = acc * corr[..., None] + jnp.einsum("bkms,bkse->bkme", p.astype(v_BKSE.dtype), v_BKSE,
                                                  preferred_element_type=jnp.float32)
@@ -306,7 +309,7 @@ def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, b
         s_BCs = jnp.where(vis_BCs, s_BCs, -jnp.inf)
         m_new = jnp.maximum(m_i, jnp.max(s_BCs, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s_BCs - m_safe[..., None]) * vis_BCs
+        p = jnp.exp(s_BCs - m_safe[..., None])  # hidden scores are -inf: 0
         corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
         acc = acc * corr[..., None] + jnp.einsum("bcs,bsf->bcf", p.astype(v_BsF.dtype), v_BsF,
                                                  preferred_element_type=jnp.float32)
