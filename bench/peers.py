@@ -43,6 +43,7 @@ No resume store: ratios are only meaningful within one process's run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -103,6 +104,10 @@ def parse_args(argv=None):
                     help="torch.set_num_threads (default 1: on a 2-core machine shared with other jobs, torch's "
                     "OpenMP workers spin-wait for a descheduled peer, and 2 threads measured 0.8-2.6 tokens/s "
                     "against 147-177 with 1 on the shipped target; 0 = torch's own default)")
+    ap.add_argument("--settle", type=float, default=0.3,
+                    help="seconds of rest (after a garbage collection) before every timed run, ours and theirs alike: "
+                         "a run right after another library's kept hitting its slow tail (a 256 s prefill 1.09 vs "
+                         "1.36-1.49 s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fast", action="store_true",
                     help=f"smoke test: lengths {FAST['lengths']}, {FAST['scenes']} scene, "
@@ -279,6 +284,8 @@ def run_target(name: str, path: Path, methods: dict, args, bar) -> list[dict]:
                                    impl="xla") for m in ["ar", *drafts]}  # greedy: Decoders.run's sampling=None
 
         def run(m, prompt):
+            gc.collect()
+            time.sleep(args.settle)
             if m in HF_METHODS:
                 return hf.run(m, prompt, args.max_new_tokens)
             return dec.run(m, [prompt], ecfgs[m])

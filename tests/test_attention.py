@@ -99,7 +99,7 @@ def test_cache_plus_block_tree_mask():
     (2, 5, 37, 4, 2, 8, 8, [7, 37]),    # several chunks, S not a chunk multiple (clamped last chunk), GQA 2
     (3, 1, 20, 6, 1, 16, 16, [0, 1, 17]),  # AR step (one node), MQA, an empty row
     (1, 9, 64, 2, 2, 8, 128, [40]),     # one chunk wider than the cache
-    (2, 1, 45, 4, 2, 8, 16, [45, 3]),   # AR step, GQA 2: the block-diagonal GEMM form (K*G*T <= 8)
+    (2, 1, 45, 4, 2, 8, 16, [45, 3]),   # AR step, GQA 2: the block-diagonal GEMM form (K*G*T <= 32)
     (2, 2, 33, 2, 2, 16, 8, [9, 33]),   # a 2-node chain, MHA: GEMM form
     (2, 3, 150, 4, 2, 8, 8, [150, 70]),  # runs of 4 chunks (4 x 32), then 3 chunks (the last slid back)
     (2, 1, 100, 4, 2, 8, 8, [100, 33]),  # the same in the GEMM form (whole cache read: 100 >= 2/3 of it)

@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     _tiny.save_hf_checkpoint(d / "ckpt", _tiny.BASE_HF_CONFIG, seed=3)
     out = d / "peers.jsonl"
     rows = peers.main(["--fast", "--target", str(d / "ckpt"), "--random-draft", "sparrow", "--assistant-layers", "1",
-                       "--lookup-tokens", "3", "--jsonl", str(out), "--no-progress"])
+                       "--lookup-tokens", "3", "--settle", "0", "--jsonl", str(out), "--no-progress"])
     return rows, [json.loads(x) for x in out.read_text().splitlines()]
 
 

@@ -38,7 +38,10 @@ Q_BLOCK = 256
 KV_BLOCK = 512
 DECODE_KV_BLOCK = 1024  # cache keys per chunk of `cached_attention` (a chunk's K/V, transposed, stays in L2)
 BIG_CHUNKS = 4  # `cached_attention` reads whole runs of 4 chunks at once first (fewer loop trips on long caches)
-GEMM_MAX_COLUMNS = 8  # cached_attention: K*G*T query columns up to which each chunk is read by plain GEMMs
+# cached_attention: K*G*T query columns up to which the cache is read by plain GEMMs (K x the FLOPs of per-head
+# products; with the whole-cache read faster than transposed chunks up to 32 columns, chains up to 8 nodes here:
+# BENCHMARKS, roofline); wider trees are compute-bound and read transposed chunks
+GEMM_MAX_COLUMNS = 32
 # The GEMM form reads the whole capacity in one pass once the longest row fills this much of it: a chunk loop
 # copies each chunk out of the cache before its GEMMs (XLA:CPU cannot fuse a dynamic slice into a dot), ~1.5x the
 # cost per key of GEMMs straight on the cache buffer (BENCHMARKS, roofline: whole-cache reads)
