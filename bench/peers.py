@@ -396,7 +396,7 @@ def main(argv=None) -> list[dict]:
            "torch_threads": torch.get_num_threads(), "load_average_start": os.getloadavg()[0]}
     settings = {"max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "dtype": "float32", "greedy": True,
                 "eos": "off (exactly max_new_tokens tokens)", "batch": 1, "lookup_tokens": args.lookup_tokens,
-                "assistant_layers": args.assistant_layers, "question": None}
+                "assistant_layers": args.assistant_layers, "settle_s": args.settle, "question": None}
     targets = [("target", args.target, args.methods)]
     with tempfile.TemporaryDirectory(prefix="peers_") as tmp:
         if args.hf_shaped:
