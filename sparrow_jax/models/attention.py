@@ -73,10 +73,11 @@ class AttentionImpl:
     kind "xla": plain jnp (dense, blockwise past `DENSE_SCORE_LIMIT`; verify / decode over a cache in
     chunks of `cache_block` keys, `cached_attention`, or dense over the whole capacity with 0: the
     reference; blocks of at most `gemm_columns` query columns (K*G*T) by plain GEMMs on the cache's own
-    layout, larger ones on transposed chunks; those read the whole capacity in one pass, without the chunk loop, once
-    the longest row fills `whole_cache_fill` of it — above 1: never). kind "pallas": the kernels of `pallas_kernels`, routed per call by shape
-    (`dispatch.route`), with `blocks`' block sizes (None: the backend's defaults,
-    `dispatch.default_config()`, resolved at trace time); a call they cannot take runs the xla path."""
+    layout, larger ones on transposed chunks; the GEMMs read the whole capacity in one pass, without the
+    chunk loop, once the longest row fills `whole_cache_fill` of it — above 1: never). kind "pallas": the
+    kernels of `pallas_kernels`, routed per call by shape (`dispatch.route`), with `blocks`' block sizes
+    (None: the backend's defaults, `dispatch.default_config()`, resolved at trace time); a call they cannot
+    take runs the xla path."""
 
     kind: str = "xla"
     blocks: dispatch.DispatchConfig | None = None
