@@ -156,13 +156,15 @@ def run(args) -> list[dict]:
     from sparrow_jax.decoding import autoregressive, engine  # noqa: PLC0415
     from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
     from sparrow_jax.models import kv_cache, target as tg  # noqa: PLC0415
-    from sparrow_jax.models.attention import (DECODE_KV_BLOCK, GEMM_MAX_COLUMNS, WHOLE_CACHE_FILL,  # noqa: PLC0415
-                                              AttentionImpl)
+    from sparrow_jax.models.attention import (CPU_KERNEL_MAX_ROWS, DECODE_KV_BLOCK,  # noqa: PLC0415
+                                              GEMM_MAX_COLUMNS, WHOLE_CACHE_FILL, AttentionImpl)
     from sparrow_jax.models.qwen2_5_vl import Qwen25VL  # noqa: PLC0415
 
-    impls = {(cb, gc, wf): AttentionImpl(args.impl, cache_block=cb, gemm_columns=gc, whole_cache_fill=wf)
+    impls = {(cb, gc, wf, kr): AttentionImpl(args.impl, cache_block=cb, gemm_columns=gc, whole_cache_fill=wf,
+                                             cpu_kernel_rows=kr)
              for cb in (args.cache_blocks or [DECODE_KV_BLOCK]) for gc in (args.gemm_columns or [GEMM_MAX_COLUMNS])
-             for wf in (args.whole_cache_fill or [WHOLE_CACHE_FILL])}
+             for wf in (args.whole_cache_fill or [WHOLE_CACHE_FILL])
+             for kr in (args.cpu_kernel_rows if args.cpu_kernel_rows is not None else [CPU_KERNEL_MAX_ROWS])}
     trees = [TreeSpec.parse(t) for t in args.trees]
     slack = max([engine.EngineConfig(tree=t, max_new_tokens=args.max_new_tokens).cache_slack for t in trees] + [1])
     if args.ar_steps + 1 > args.max_new_tokens or args.verify_rounds * max([t.max_draft_tokens for t in trees] + [0]) > slack + args.max_new_tokens:
@@ -182,6 +184,11 @@ def run(args) -> list[dict]:
     print(f"[roofline] measuring stream bandwidth ({args.stream_mib} MiB) and matmul rate ({args.matmul_n}^3)",
           flush=True)
     rates = measure_rates(args.stream_mib, args.matmul_n, max(3, args.repeats))
+    import cpu_kernels  # noqa: PLC0415
+
+    cpu_kernel_loaded, why = cpu_kernels.load()
+    if not cpu_kernel_loaded:
+        print(f"[roofline] CPU kernel not loaded ({why}): cells with cpu_kernel_rows > 0 run the XLA path", flush=True)
     print(f"[roofline] stream {rates['stream_bytes_per_s'] / 1e9:.1f} GB/s (sum {rates['sum_bytes_per_s'] / 1e9:.1f},"
           f" matvec {rates['matvec_bytes_per_s'] / 1e9:.1f}), matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
           flush=True)
@@ -211,9 +218,9 @@ def run(args) -> list[dict]:
                 ks.append(jax.random.normal(a, shape, jnp.float32))
                 vs.append(jax.random.normal(b, shape, jnp.float32))
             template = kv_cache.KVCache(tuple(ks), tuple(vs), jnp.full((B,), committed, jnp.int32))
-            for (cb, gc, wf), impl in impls.items():
+            for (cb, gc, wf, kr), impl in impls.items():
                 base = dict(committed=committed, capacity=capacity, template=template, cache_block=cb,
-                            gemm_columns=gc, whole_cache_fill=wf, impl=impl)
+                            gemm_columns=gc, whole_cache_fill=wf, cpu_kernel_rows=kr, impl=impl)
                 cells.append(dict(base, step="ar", nodes=1, tree=None))
                 for spec in trees:
                     cells.append(dict(base, step="verify", nodes=spec.total_tokens, tree=str(spec),
@@ -249,7 +256,7 @@ def run(args) -> list[dict]:
             cell["first_call_s"] = round(call(cell, lo) + call(cell, hi), 3)
             print(f"[roofline] {name}: compiled {cell['step']} {cell['tree'] or ''} P={cell['committed']} "
                   f"cache_block={cell['cache_block']} gemm_columns={cell['gemm_columns']} "
-                  f"whole_cache_fill={cell['whole_cache_fill']:.3g} "
+                  f"whole_cache_fill={cell['whole_cache_fill']:.3g} cpu_kernel_rows={cell['cpu_kernel_rows']} "
                   f"cap={cell['capacity']} ({i + 1}/{len(cells)}, {cell['first_call_s']} s)", flush=True)
             cell["lo"], cell["hi"] = [], []
         for r in range(args.repeats):  # interleaved: every cell sees the same machine conditions
@@ -281,7 +288,9 @@ def run(args) -> list[dict]:
             floor = max(mem_s, flop_s)
             step_ms = float(np.median(per)) * 1e3
             rec = {**common, "cache_block": cell["cache_block"], "gemm_columns": cell["gemm_columns"],
-                   "whole_cache_fill": round(cell["whole_cache_fill"], 4), "step": cell["step"], "tree": cell["tree"],
+                   "whole_cache_fill": round(cell["whole_cache_fill"], 4), "cpu_kernel_rows": cell["cpu_kernel_rows"],
+                   "cpu_kernel": cell["cpu_kernel_rows"] > 0 and cpu_kernel_loaded,
+                   "step": cell["step"], "tree": cell["tree"],
                    "nodes": cell["nodes"],
                    "committed": cell["committed"], "capacity": cell["capacity"],
                    "probe": cell["capacity"] != autoregressive.cache_capacity(tg.bucket(cell["committed"]),
@@ -305,24 +314,26 @@ def run(args) -> list[dict]:
 
 
 def variant(r) -> tuple:
-    """The attention settings a record was timed with (older records have no gemm_columns / whole_cache_fill)."""
-    return r.get("cache_block"), r.get("gemm_columns"), r.get("whole_cache_fill")
+    """The attention settings a record was timed with (older records have no gemm_columns / whole_cache_fill /
+    cpu_kernel_rows)."""
+    return r.get("cache_block"), r.get("gemm_columns"), r.get("whole_cache_fill"), r.get("cpu_kernel_rows")
 
 
 def variant_label(v) -> str:
-    cb, gc, wf = v
+    cb, gc, wf, kr = v
     return (f"chunk {cb}" + (f", GEMM <= {gc} cols" if gc is not None else "")
-            + (f", whole from {wf:.2g}" if wf is not None else ""))
+            + (f", whole from {wf:.2g}" if wf is not None else "")
+            + (f", CPU kernel <= {kr} rows" if kr else ""))
 
 
 def print_table(records):
-    hdr = (f"{'config':<18} {'step':<13} {'chunk':>5} {'gemm':>5} {'P':>6} {'cap':>6} {'ms':>9} {'floor ms':>9} {'bound':>7} "
+    hdr = (f"{'config':<18} {'step':<13} {'chunk':>5} {'gemm':>5} {'krows':>5} {'P':>6} {'cap':>6} {'ms':>9} {'floor ms':>9} {'bound':>7} "
            f"{'ratio':>6} {'vs AR':>6}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in records:
         step = r["step"] if r["step"] == "ar" else f"v {r['tree']}"
         vs = f"{r['vs_ar']:.2f}" if "vs_ar" in r else ""
-        print(f"{r['config']:<18} {step:<13} {r.get('cache_block', ''):>5} {r.get('gemm_columns', ''):>5} {r['committed']:>6} {r['capacity']:>6} {r['step_ms']:>9.3f} "
+        print(f"{r['config']:<18} {step:<13} {r.get('cache_block', ''):>5} {r.get('gemm_columns', ''):>5} {r.get('cpu_kernel_rows', ''):>5} {r['committed']:>6} {r['capacity']:>6} {r['step_ms']:>9.3f} "
               f"{r['floor_ms']:>9.3f} {r['bound']:>7} {r['ratio']:>6.2f} {vs:>6}" + ("  (probe)" if r["probe"] else ""))
 
 
@@ -472,6 +483,9 @@ def build_parser():
     ap.add_argument("--whole-cache-fill", type=float, nargs="+", default=None,
                     help="fill of the capacity from which a GEMM-form cache read takes the whole cache in one pass "
                          "(0 = always, above 1 = never), each its own cells; default: the library's")
+    ap.add_argument("--cpu-kernel-rows", type=int, nargs="+", default=None,
+                    help="query rows per KV head up to which a cache read runs the compiled CPU kernel "
+                         "(cpu_kernels; 0 = never), each its own cells; default: the library's")
     ap.add_argument("--label", default="", help="names the code measured in each record (field `code`), e.g. for "
                     "before/after runs of two checkouts")
     ap.add_argument("--stream-mib", type=int, default=512, help="array size of the bandwidth probe")

@@ -121,11 +121,14 @@ def test_cached_attention_equals_dense(B, N, S, H, K, E, kb, lens):
     out = jax.jit(lambda q, k, v, m, bk, bv: cached_attention(q, k, v, m, block_k=bk, block_v=bv, kv_block=kb))(
         q, ck, cv, mask, bk, bv)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=1e-5)
+    xla_only = dict(cache_block=kb, cpu_kernel_rows=0)  # XLA's own cache reads (no compiled CPU kernel)
     for impl in (attn_lib.XLA, attn_lib.AttentionImpl(cache_block=kb), attn_lib.AttentionImpl(cache_block=0),
-                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=0),  # transposed chunks at every size
-                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20),  # GEMMs at every size
-                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20, whole_cache_fill=0),  # whole cache
-                 attn_lib.AttentionImpl(cache_block=kb, gemm_columns=1 << 20, whole_cache_fill=2)):  # chunks
+                 attn_lib.AttentionImpl(**xla_only),
+                 attn_lib.AttentionImpl(**xla_only, gemm_columns=0),  # transposed chunks at every size
+                 attn_lib.AttentionImpl(**xla_only, gemm_columns=1 << 20),  # GEMMs at every size
+                 attn_lib.AttentionImpl(**xla_only, gemm_columns=1 << 20, whole_cache_fill=0),  # whole cache
+                 attn_lib.AttentionImpl(**xla_only, gemm_columns=1 << 20, whole_cache_fill=2),  # chunks
+                 attn_lib.AttentionImpl(cache_block=kb, cpu_kernel_rows=64)):  # the CPU kernel at every size
         routed = attn_lib.attention(q, ck, cv, mask, block_k=bk, block_v=bv, impl=impl)
         np.testing.assert_allclose(np.asarray(routed), np.asarray(ref), atol=2e-6, rtol=1e-5)
 
@@ -139,3 +142,6 @@ def test_cache_block_is_validated():
     for bad in (-0.5, None, "all"):
         with pytest.raises(ValueError, match="whole_cache_fill"):
             attn_lib.AttentionImpl(whole_cache_fill=bad)
+    for bad in (-1, 65, 2.0, None):
+        with pytest.raises(ValueError, match="cpu_kernel_rows"):
+            attn_lib.AttentionImpl(cpu_kernel_rows=bad)

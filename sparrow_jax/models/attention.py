@@ -25,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+import cpu_kernels
 from pallas_kernels import dispatch
 
 # Score elements (B*H*T*S) above which the xla path switches to the blockwise loop. Measured on XLA:CPU: blockwise
@@ -46,6 +47,11 @@ GEMM_MAX_COLUMNS = 32
 # copies each chunk out of the cache before its GEMMs (XLA:CPU cannot fuse a dynamic slice into a dot), ~1.5x the
 # cost per key of GEMMs straight on the cache buffer (BENCHMARKS, roofline: whole-cache reads)
 WHOLE_CACHE_FILL = 2 / 3
+# cached_attention on the CPU backend: query rows per KV head (G*T) up to which the cache is read by the compiled
+# kernel of `cpu_kernels` (one streaming pass over K/V, both cores) instead of XLA's GEMMs. Measured (BENCHMARKS,
+# the CPU decode kernel): faster for the AR step (2 rows on the tiny target, 7 on a 7B-shaped GQA group) and 2-node
+# chains (4 rows); even or slower for tiny chains of 4+ nodes (8+ rows), which keep XLA's GEMMs
+CPU_KERNEL_MAX_ROWS = 7
 
 
 @jax.tree_util.register_dataclass
@@ -74,7 +80,9 @@ class AttentionImpl:
     chunks of `cache_block` keys, `cached_attention`, or dense over the whole capacity with 0: the
     reference; blocks of at most `gemm_columns` query columns (K*G*T) by plain GEMMs on the cache's own
     layout, larger ones on transposed chunks; the GEMMs read the whole capacity in one pass, without the
-    chunk loop, once the longest row fills `whole_cache_fill` of it — above 1: never). kind "pallas": the
+    chunk loop, once the longest row fills `whole_cache_fill` of it — above 1: never; on the CPU backend, blocks of at
+    most `cpu_kernel_rows` query rows per KV head (G*T) read the cache with the compiled kernel of `cpu_kernels`
+    instead, when it builds — 0: never). kind "pallas": the
     kernels of `pallas_kernels`, routed per call by shape (`dispatch.route`), with `blocks`' block sizes
     (None: the backend's defaults, `dispatch.default_config()`, resolved at trace time); a call they cannot
     take runs the xla path."""
@@ -84,6 +92,7 @@ class AttentionImpl:
     cache_block: int = DECODE_KV_BLOCK
     gemm_columns: int = GEMM_MAX_COLUMNS
     whole_cache_fill: float = WHOLE_CACHE_FILL
+    cpu_kernel_rows: int = CPU_KERNEL_MAX_ROWS
 
     def __post_init__(self):
         if self.kind not in IMPL_KINDS:
@@ -101,6 +110,10 @@ class AttentionImpl:
         if not isinstance(self.whole_cache_fill, (int, float)) or not self.whole_cache_fill >= 0:
             raise ValueError(f"attention impl whole_cache_fill {self.whole_cache_fill!r}: expected a number >= 0 "
                              "(fill of the capacity from which a GEMM-form cache read takes it whole; > 1 = never)")
+        if not isinstance(self.cpu_kernel_rows, int) or not 0 <= self.cpu_kernel_rows <= cpu_kernels.MAX_ROWS:
+            raise ValueError(f"attention impl cpu_kernel_rows {self.cpu_kernel_rows!r}: expected an int in "
+                             f"[0, {cpu_kernels.MAX_ROWS}] (query rows per KV head up to which a cache read on the "
+                             "CPU runs the compiled kernel; 0 = never)")
 
     @classmethod
     def of(cls, value: AttentionImpl | str) -> AttentionImpl:
@@ -136,32 +149,36 @@ def attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=N
                                        config=cfg)
         dispatch.log_fallback(reason)
         return _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask, block_k, block_v, cache_block=impl.cache_block,
-                             gemm_columns=impl.gemm_columns, whole_cache_fill=impl.whole_cache_fill)
+                             gemm_columns=impl.gemm_columns, whole_cache_fill=impl.whole_cache_fill,
+                             cpu_kernel_rows=impl.cpu_kernel_rows)
     return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=impl.cache_block,
-                          gemm_columns=impl.gemm_columns, whole_cache_fill=impl.whole_cache_fill)
+                          gemm_columns=impl.gemm_columns, whole_cache_fill=impl.whole_cache_fill,
+                          cpu_kernel_rows=impl.cpu_kernel_rows)
 
 
 def _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, block_v=None,
                    cache_block: int = DECODE_KV_BLOCK, gemm_columns: int = GEMM_MAX_COLUMNS,
-                   whole_cache_fill: float = WHOLE_CACHE_FILL):
+                   whole_cache_fill: float = WHOLE_CACHE_FILL, cpu_kernel_rows: int = CPU_KERNEL_MAX_ROWS):
     B, T, H, _ = q_BTHE.shape
     S = k_BSKE.shape[1]
     if block_k is not None:  # verify / decode over a cache
         if cache_block == 0 or mask.causal:
             return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v)
         return cached_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, kv_block=cache_block,
-                                gemm_columns=gemm_columns, whole_cache_fill=whole_cache_fill)
+                                gemm_columns=gemm_columns, whole_cache_fill=whole_cache_fill,
+                                cpu_kernel_rows=cpu_kernel_rows)
     if B * H * T * S > DENSE_SCORE_LIMIT:
         return blockwise_attention(q_BTHE, k_BSKE, v_BSKE, mask)
     return dense_attention(q_BTHE, k_BSKE, v_BSKE, mask)
 
 
-@dispatch.routed("xla", static_argnames=("cache_block", "gemm_columns", "whole_cache_fill"))
+@dispatch.routed("xla", static_argnames=("cache_block", "gemm_columns", "whole_cache_fill", "cpu_kernel_rows"))
 def _xla_fallback(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, block_k, block_v, *, cache_block: int, gemm_columns: int,
-                  whole_cache_fill: float):
+                  whole_cache_fill: float, cpu_kernel_rows: int):
     """The XLA path for a call the kernels cannot take (named, so `dispatch.routes_in` sees it)."""
     return _xla_attention(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v, cache_block=cache_block,
-                          gemm_columns=gemm_columns, whole_cache_fill=whole_cache_fill)
+                          gemm_columns=gemm_columns, whole_cache_fill=whole_cache_fill,
+                          cpu_kernel_rows=cpu_kernel_rows)
 
 
 def _group(q_BTHE, num_kv_heads):
@@ -215,49 +232,89 @@ def dense_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k=None, blo
 
 
 def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v, kv_block: int = DECODE_KV_BLOCK,
-                     gemm_columns: int = GEMM_MAX_COLUMNS, whole_cache_fill: float = WHOLE_CACHE_FILL):
+                     gemm_columns: int = GEMM_MAX_COLUMNS, whole_cache_fill: float = WHOLE_CACHE_FILL,
+                     cpu_kernel_rows: int = CPU_KERNEL_MAX_ROWS):
     """Verify / decode (xla): the committed cache read in chunks (runs of BIG_CHUNKS * `kv_block` keys, then
     `kv_block`: `_over_cache_chunks`), only up to the longest row's committed length (a dynamic trip count: the
     cost follows the committed length, not the capacity bucket), with an online softmax; then the new block
     under its mask. Equals `dense_attention` up to fp32 rounding. Queries are grouped per KV head as [B, K, G*T, E] once and
     each chunk is transposed to [B, K, kv_block, E] (cache-resident), so both products are batched
     GEMMs with the batch dims leading: einsums over the [B, S, K, E] cache with K in the middle make
-    XLA:CPU transpose the whole cache, or run its slow dot path (roofline section of BENCHMARKS)."""
+    XLA:CPU transpose the whole cache, or run its slow dot path (roofline section of BENCHMARKS).
+    On the CPU backend, blocks of at most `cpu_kernel_rows` rows per KV head read the cache with the compiled
+    kernel of `cpu_kernels` instead (each row's own length, one pass, both cores)."""
     if mask.key_visible_BS is not None or mask.causal:
         raise ValueError("cached_attention covers kv_len_B + block_mask_BTN only (use dense_attention)")
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     G = H // K
+    if G * T <= cpu_kernel_rows and cpu_kernels.supports(q_BTHE, k_BSKE, G * T):
+        xla_read = functools.partial(cached_attention, q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
+                                     kv_block=kv_block, gemm_columns=gemm_columns, whole_cache_fill=whole_cache_fill,
+                                     cpu_kernel_rows=0)
+        kernel_read = functools.partial(_cached_attention_cpu_kernel, q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k,
+                                        block_v=block_v)
+        return jax.lax.platform_dependent(cpu=kernel_read, default=xla_read)  # exported for a GPU/TPU: XLA's
     if K * G * T <= gemm_columns:
         return _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
                                       kv_block=kv_block, whole_cache_fill=whole_cache_fill)
-    q_BKME = (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)  # row m = g * T + t
-              * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
+    q_BKME = _queries_per_kv_head(q_BTHE, K)
     kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
-    heads_first = lambda x_BSKE: x_BSKE.transpose(0, 2, 1, 3)  # noqa: E731  [B, S, K, E] -> [B, K, S, E]
-
-    def online(carry, k_BKSE, v_BKSE, vis_BKMS):
-        m_i, l_i, acc = carry
-        s_BKMS = jnp.einsum("bkme,bkse->bkms", q_BKME, k_BKSE, preferred_element_type=jnp.float32)
-        s_BKMS = jnp.where(vis_BKMS, s_BKMS, -jnp.inf)
-        m_new = jnp.maximum(m_i, jnp.max(s_BKMS, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s_BKMS - m_safe[..., None])  # hidden scores are -inf: 0
-        corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
-        acc = acc * corr[..., None] + jnp.einsum("bkms,bkse->bkme", p.astype(v_BKSE.dtype), v_BKSE,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
 
     def chunk(k_BsKE, v_BsKE, vis_Bs, carry):
-        return online(carry, heads_first(k_BsKE), heads_first(v_BsKE), vis_Bs[:, None, None, :])
+        return _online_per_kv_head(q_BKME, carry, _heads_first(k_BsKE), _heads_first(v_BsKE),
+                                   vis_Bs[:, None, None, :])
 
     init = (jnp.full((B, K, G * T), -jnp.inf, jnp.float32), jnp.zeros((B, K, G * T), jnp.float32),
             jnp.zeros((B, K, G * T, E), jnp.float32))
     carry = _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block, chunk, init)
+    return _finish_per_kv_head(q_BKME, carry, q_BTHE, mask, block_k, block_v)
+
+
+def _queries_per_kv_head(q_BTHE, K: int):
+    """[B, T, H, E] -> [B, K, G*T, E] (row m = g * T + t), pre-scaled by 1/sqrt(E)."""
+    B, T, H, E = q_BTHE.shape
+    return (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, (H // K) * T, E)
+            * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
+
+
+def _heads_first(x_BSKE):
+    return x_BSKE.transpose(0, 2, 1, 3)  # [B, S, K, E] -> [B, K, S, E]
+
+
+def _online_per_kv_head(q_BKME, carry, k_BKSE, v_BKSE, vis_BKMS):
+    """One online-softmax step of the per-KV-head rows over keys k/v (hidden where vis is False)."""
+    m_i, l_i, acc = carry
+    s_BKMS = jnp.einsum("bkme,bkse->bkms", q_BKME, k_BKSE, preferred_element_type=jnp.float32)
+    s_BKMS = jnp.where(vis_BKMS, s_BKMS, -jnp.inf)
+    m_new = jnp.maximum(m_i, jnp.max(s_BKMS, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s_BKMS - m_safe[..., None])  # hidden scores are -inf: 0
+    corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
+    acc = acc * corr[..., None] + jnp.einsum("bkms,bkse->bkme", p.astype(v_BKSE.dtype), v_BKSE,
+                                             preferred_element_type=jnp.float32)
+    return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
+
+
+def _finish_per_kv_head(q_BKME, carry, q_BTHE, mask: MaskSpec, block_k, block_v):
+    """The new block's keys under its mask on top of the cache's partial `carry`, normalised, as [B, T, H, E]."""
+    B, T, H, E = q_BTHE.shape
+    K = q_BKME.shape[1]
+    G = H // K
     vis_blk = jnp.tile(mask.block_mask_BTN.astype(bool), (1, G, 1))[:, None]  # [B, 1, G*T, N]
-    _, l_f, acc = online(carry, heads_first(block_k), heads_first(block_v), vis_blk)
+    _, l_f, acc = _online_per_kv_head(q_BKME, carry, _heads_first(block_k), _heads_first(block_v), vis_blk)
     o_BKME = acc / jnp.maximum(l_f, 1e-30)[..., None]
     return o_BKME.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BTHE.dtype)
+
+
+def _cached_attention_cpu_kernel(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v):
+    """`cached_attention` with the cache part read by the compiled CPU kernel (`cpu_kernels`): one pass over each
+    row's committed keys, in the cache's layout, split over the intra-op threads; the block as in the XLA path."""
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    q_BKME = _queries_per_kv_head(q_BTHE, K)
+    kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
+    carry = cpu_kernels.decode_attention_partial(q_BKME, k_BSKE, v_BSKE, kv_len_B)
+    return _finish_per_kv_head(q_BKME, carry, q_BTHE, mask, block_k, block_v)
 
 
 def _over_cache_chunks(k_BSKE, v_BSKE, kv_len_B, kv_block: int, chunk, carry):
@@ -301,8 +358,7 @@ def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, b
     G, F = H // K, K * E
     M = G * T
     C = K * M
-    q_BKME = (_group(q_BTHE, K).transpose(0, 2, 3, 1, 4).reshape(B, K, M, E)  # row m = g * T + t
-              * jnp.asarray(1.0 / math.sqrt(E), q_BTHE.dtype))
+    q_BKME = _queries_per_kv_head(q_BTHE, K)
     eye_KK = jnp.eye(K, dtype=q_BTHE.dtype)
     q_BCF = (q_BKME[:, :, :, None, :] * eye_KK[None, :, None, :, None]).reshape(B, C, F)
     kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
