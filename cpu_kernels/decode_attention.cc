@@ -110,6 +110,46 @@ inline void weighted_sum(const float* const* p, float* const* acc, const float* 
     for (int c = 0; c < C; ++c) store16(acc[r] + 16 * c, a[r][c]);
 }
 
+// exp_nonpos on 16 lanes (the same steps and constants, written on vectors: the compiler's vectorisation of the
+// scalar loop measured ~7 cycles per element)
+inline v16 exp16(v16 x) {
+  const v16 lo = v16{} - 87.3f;
+  x = x < lo ? lo : x;
+  const v16 t = x * 1.44269504088896341f + 0.5f;
+  i16 ti = __builtin_convertvector(t, i16);  // truncates toward zero; t < 0 here, so step down where t had a fraction
+  const v16 tf = __builtin_convertvector(ti, v16);
+  ti = tf > t ? ti - 1 : ti;
+  const v16 n = __builtin_convertvector(ti, v16);
+  v16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 y = v16{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const i16 bits = (ti + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// max of x[0 .. n), n <= kBlock: 16 lanes at a time (a scalar running max is one long dependency chain)
+inline float block_max(const float* x, int64_t n) {
+  v16 mv = {kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf,
+            kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const v16 v = load16(x + j);
+    mv = mv > v ? mv : v;
+  }
+  float mx = kNegInf;
+  for (int i = 0; i < 16; ++i) mx = std::max(mx, mv[i]);
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
 struct Dims {
   int64_t S, K, M, E;
 };
@@ -166,16 +206,23 @@ void attend_range(const Dims& d, const float* q, const float* kc, const float* v
     }
     // online softmax: scores -> probabilities, rescale what was summed so far
     for (int64_t c = 0; c < KM; ++c) {
-      float mx = kNegInf;
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s(c)[j]);
+      const float mx = block_max(s(c), n);
       const float m_old = m_out[c];
       const float m_new = std::max(m_old, mx);
       const float corr = m_old == kNegInf ? 0.f : exp_nonpos(m_old - m_new);
+      float* sc = s(c);
+      v16 sum16 = {};
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16) {
+        const v16 p = exp16(load16(sc + j) - m_new);
+        store16(sc + j, p);
+        sum16 += p;
+      }
       float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = exp_nonpos(s(c)[j] - m_new);
-        s(c)[j] = p;
+      for (int i = 0; i < 16; ++i) sum += sum16[i];
+      for (; j < n; ++j) {
+        const float p = exp_nonpos(sc[j] - m_new);
+        sc[j] = p;
         sum += p;
       }
       l_out[c] = l_out[c] * corr + sum;

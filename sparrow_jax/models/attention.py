@@ -48,10 +48,10 @@ GEMM_MAX_COLUMNS = 32
 # cost per key of GEMMs straight on the cache buffer (BENCHMARKS, roofline: whole-cache reads)
 WHOLE_CACHE_FILL = 2 / 3
 # cached_attention on the CPU backend: query rows per KV head (G*T) up to which the cache is read by the compiled
-# kernel of `cpu_kernels` (one streaming pass over K/V, both cores) instead of XLA's GEMMs. Measured (BENCHMARKS,
-# the CPU decode kernel): faster for the AR step (2 rows on the tiny target, 7 on a 7B-shaped GQA group) and 2-node
-# chains (4 rows); even or slower for tiny chains of 4+ nodes (8+ rows), which keep XLA's GEMMs
-CPU_KERNEL_MAX_ROWS = 7
+# kernel of `cpu_kernels` (one streaming pass over K/V, both cores) instead of XLA's GEMMs. Measured faster up to
+# 16 rows (BENCHMARKS, the CPU decode kernel: the tiny target's AR step and chains of 2, 4 and 8 nodes, a 7B-shaped
+# GQA group's AR step and 2-node chain); wider trees (the 48-node tree: 96 rows) keep XLA's GEMMs
+CPU_KERNEL_MAX_ROWS = 16
 
 
 @jax.tree_util.register_dataclass
