@@ -254,7 +254,7 @@ def cached_attention(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, block_v
                                      cpu_kernel_rows=0)
         kernel_read = functools.partial(_cached_attention_cpu_kernel, q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k,
                                         block_v=block_v)
-        return jax.lax.platform_dependent(cpu=kernel_read, default=xla_read)  # exported for a GPU/TPU: XLA's
+        return jax.lax.platform_dependent(cpu=kernel_read, default=xla_read)  # lowered for GPU/TPU: XLA's read
     if K * G * T <= gemm_columns:
         return _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask, block_k=block_k, block_v=block_v,
                                       kv_block=kv_block, whole_cache_fill=whole_cache_fill)
