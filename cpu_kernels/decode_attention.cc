@@ -30,6 +30,18 @@ constexpr int64_t kStreamRows = 2;  // see attend_range
 constexpr int64_t kPartKeys = 1024;  // fewest keys worth a work item of their own
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// exp(r) for |r| <= ln(2)/2: Cephes' degree-6 polynomial, for a float or a 16-lane vector
+template <class T>
+inline T exp_poly(T r) {
+  T y = r * 0.f + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  return y * r * r + r + 1.0f;
+}
+
 // exp(x) for x <= 0 (-inf gives 0): Cephes' range reduction and polynomial, within ~2 ulp of expf; written
 // without calls so that the loops over a block's scores vectorise.
 inline float exp_nonpos(float x) {
@@ -37,13 +49,7 @@ inline float exp_nonpos(float x) {
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  const float y = exp_poly(r);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -122,13 +128,7 @@ inline v16 exp16(v16 x) {
   const v16 n = __builtin_convertvector(ti, v16);
   v16 r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 y = v16{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  const v16 y = exp_poly(r);
   const i16 bits = (ti + 127) << 23;
   v16 scale;
   std::memcpy(&scale, &bits, sizeof(scale));
