@@ -282,18 +282,22 @@ def _heads_first(x_BSKE):
     return x_BSKE.transpose(0, 2, 1, 3)  # [B, S, K, E] -> [B, K, S, E]
 
 
+def _online_update(carry, s, weighted_sum):
+    """One online-softmax step: running (max, normaliser, unnormalised sum) updated with scores `s` (hidden ones
+    -inf, keys on the last axis) and `weighted_sum(p)`, the probabilities' product with the values."""
+    m_i, l_i, acc = carry
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])  # hidden scores are -inf: 0
+    corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
+    return m_new, l_i * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + weighted_sum(p)
+
+
 def _online_per_kv_head(q_BKME, carry, k_BKSE, v_BKSE, vis_BKMS):
     """One online-softmax step of the per-KV-head rows over keys k/v (hidden where vis is False)."""
-    m_i, l_i, acc = carry
     s_BKMS = jnp.einsum("bkme,bkse->bkms", q_BKME, k_BKSE, preferred_element_type=jnp.float32)
-    s_BKMS = jnp.where(vis_BKMS, s_BKMS, -jnp.inf)
-    m_new = jnp.maximum(m_i, jnp.max(s_BKMS, axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    p = jnp.exp(s_BKMS - m_safe[..., None])  # hidden scores are -inf: 0
-    corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
-    acc = acc * corr[..., None] + jnp.einsum("bkms,bkse->bkme", p.astype(v_BKSE.dtype), v_BKSE,
-                                             preferred_element_type=jnp.float32)
-    return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
+    return _online_update(carry, jnp.where(vis_BKMS, s_BKMS, -jnp.inf), lambda p: jnp.einsum(
+        "bkms,bkse->bkme", p.astype(v_BKSE.dtype), v_BKSE, preferred_element_type=jnp.float32))
 
 
 def _finish_per_kv_head(q_BKME, carry, q_BTHE, mask: MaskSpec, block_k, block_v):
@@ -363,17 +367,10 @@ def _cached_attention_gemm(q_BTHE, k_BSKE, v_BSKE, mask: MaskSpec, *, block_k, b
     q_BCF = (q_BKME[:, :, :, None, :] * eye_KK[None, :, None, :, None]).reshape(B, C, F)
     kv_len_B = jnp.clip(mask.kv_len_B.astype(jnp.int32), 0, S)
 
-    def online(carry, k_BsF, v_BsF, vis_BCs):
-        m_i, l_i, acc = carry  # [B, C], [B, C], [B, C, F]
+    def online(carry, k_BsF, v_BsF, vis_BCs):  # carry: [B, C], [B, C], [B, C, F]
         s_BCs = jnp.einsum("bcf,bsf->bcs", q_BCF, k_BsF, preferred_element_type=jnp.float32)
-        s_BCs = jnp.where(vis_BCs, s_BCs, -jnp.inf)
-        m_new = jnp.maximum(m_i, jnp.max(s_BCs, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s_BCs - m_safe[..., None])  # hidden scores are -inf: 0
-        corr = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, 0.0) - m_safe) * jnp.isfinite(m_i)
-        acc = acc * corr[..., None] + jnp.einsum("bcs,bsf->bcf", p.astype(v_BsF.dtype), v_BsF,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l_i * corr + jnp.sum(p, axis=-1), acc
+        return _online_update(carry, jnp.where(vis_BCs, s_BCs, -jnp.inf), lambda p: jnp.einsum(
+            "bcs,bsf->bcf", p.astype(v_BsF.dtype), v_BsF, preferred_element_type=jnp.float32))
 
     def chunk(k_BsKE, v_BsKE, vis_Bs, carry):
         n = k_BsKE.shape[1]
