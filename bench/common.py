@@ -17,8 +17,14 @@ import numpy as np
 
 
 def environment() -> dict:
+    """The run's command, machine, date, versions and commit. On the CPU backend it also pins XLA:CPU's
+    worker threads one per core (`sparrow_jax.runtime.pin_cpu_workers`, as `SpecDecoder` does, so a
+    benchmark times what decode.py runs; SPARROW_JAX_PIN_THREADS=0 turns it off) and records how many
+    were pinned: benchmarks call it before their first timed run."""
     import jax  # noqa: PLC0415
     import flax  # noqa: PLC0415
+
+    from sparrow_jax import runtime  # noqa: PLC0415
 
     return {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -30,6 +36,7 @@ def environment() -> dict:
         "flax": flax.__version__,
         "python": platform.python_version(),
         "commit": _commit(),
+        "cpu_workers_pinned": len(runtime.pin_cpu_workers()),
     }
 
 

@@ -10,9 +10,13 @@ Stages (one world scene of --seconds, caption request, as decode.py builds it):
 Then lm_prefill again for each --blocks Q/KV pair (`attention.blockwise_attention`'s q_block / kv_block;
 prompts past DENSE_SCORE_LIMIT scores run blockwise), and `dense` (the whole score matrix at once).
 Each cell: median of --repeats calls after one compile call.
+With --idle: the whole prefill as decode.py and bench/peers.py time it (batch builder + tower + LM) after
+each of the given seconds of idle (a garbage collection, then sleep), with XLA:CPU's worker threads pinned
+one per core (`sparrow_jax.runtime`, the default) and not pinned, interleaved call by call.
 
   python bench/prefill_profile.py --seconds 256
   python bench/prefill_profile.py --seconds 1024 --blocks 512/512 128/1024
+  python bench/prefill_profile.py --seconds 8 --blocks --idle 0 0.05 0.3 --repeats 9
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def run(args) -> list[dict]:
                "dense_score_limit": attn_lib.DENSE_SCORE_LIMIT, "seconds_median": s}
         records.append(rec)
         print(f"[prefill_profile] {name:<12} {s:8.3f} s", flush=True)
+    if args.idle:
+        records += idle_cells(args, common, lambda: tg.prefill(
+            dec.tgraph, dec.tparams, registry.prepare_batch_for(tcfg)(rows, tcfg), capacity=capacity, m_star=m_star))
     limit = attn_lib.DENSE_SCORE_LIMIT
     try:
         for blocks in args.blocks:
@@ -97,6 +104,35 @@ def run(args) -> list[dict]:
     return records
 
 
+def idle_cells(args, common: dict, prefill) -> list[dict]:
+    """The whole prefill after each --idle seconds, workers pinned and not, interleaved call by call."""
+    import gc  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from sparrow_jax import runtime  # noqa: PLC0415
+
+    jax.block_until_ready(prefill())
+    times = {(pin, idle): [] for pin in (True, False) for idle in args.idle}
+    for _ in range(args.repeats):
+        for pin, idle in times:
+            runtime.pin_cpu_workers() if pin else runtime.release_cpu_workers()
+            gc.collect()
+            time.sleep(idle)
+            t0 = time.perf_counter()
+            jax.block_until_ready(prefill())
+            times[pin, idle].append(time.perf_counter() - t0)
+    runtime.pin_cpu_workers()
+    records = []
+    for (pin, idle), ts in times.items():
+        records.append({**common, "cell": "prefill_after_idle", "idle_s": idle, "workers_pinned": pin,
+                        "seconds_median": float(np.median(ts)), "seconds_runs": ts})
+        print(f"[prefill_profile] prefill after {idle:.2f} s idle, workers {'pinned' if pin else 'free':<6} "
+              f"{np.median(ts) * 1e3:8.1f} ms", flush=True)
+    return records
+
+
 def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", help="HF checkpoint directory (default: the shipped tiny target)")
@@ -109,6 +145,8 @@ def build_parser():
                          "the library's)")
     ap.add_argument("--blocks", nargs="*", default=["512/512", "256/512", "128/1024", "256/1024", "dense"],
                     help="Q/KV block sizes of the blockwise LM attention to time, or 'dense'")
+    ap.add_argument("--idle", type=float, nargs="*", default=[],
+                    help="seconds of idle before each timed whole prefill, workers pinned and not (e.g. 0 0.3)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jsonl", default=str(HERE / "results" / "prefill_profile.jsonl"))
     return ap

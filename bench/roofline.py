@@ -36,6 +36,7 @@ Cells are interleaved repeat by repeat (noise hits all alike); each reports the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -153,6 +154,7 @@ def run(args) -> list[dict]:
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
+    from sparrow_jax import runtime  # noqa: PLC0415
     from sparrow_jax.decoding import autoregressive, engine  # noqa: PLC0415
     from sparrow_jax.decoding.tree import TreeSpec  # noqa: PLC0415
     from sparrow_jax.models import kv_cache, target as tg  # noqa: PLC0415
@@ -166,6 +168,7 @@ def run(args) -> list[dict]:
              for wf in (args.whole_cache_fill or [WHOLE_CACHE_FILL])
              for kr in (args.cpu_kernel_rows if args.cpu_kernel_rows is not None else [CPU_KERNEL_MAX_ROWS])}
     trees = [TreeSpec.parse(t) for t in args.trees]
+    pins = [p == "on" for p in dict.fromkeys(args.pin_workers)]
     slack = max([engine.EngineConfig(tree=t, max_new_tokens=args.max_new_tokens).cache_slack for t in trees] + [1])
     if args.ar_steps + 1 > args.max_new_tokens or args.verify_rounds * max([t.max_draft_tokens for t in trees] + [0]) > slack + args.max_new_tokens:
         raise SystemExit("--ar-steps / --verify-rounds must fit the cache's room (--max-new-tokens + slack)")
@@ -183,6 +186,7 @@ def run(args) -> list[dict]:
 
     print(f"[roofline] measuring stream bandwidth ({args.stream_mib} MiB) and matmul rate ({args.matmul_n}^3)",
           flush=True)
+    env = environment()  # first: it pins the CPU workers the probes and cells run on
     rates = measure_rates(args.stream_mib, args.matmul_n, max(3, args.repeats))
     import cpu_kernels  # noqa: PLC0415
 
@@ -192,7 +196,6 @@ def run(args) -> list[dict]:
     print(f"[roofline] stream {rates['stream_bytes_per_s'] / 1e9:.1f} GB/s (sum {rates['sum_bytes_per_s'] / 1e9:.1f},"
           f" matvec {rates['matvec_bytes_per_s'] / 1e9:.1f}), matmul {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s",
           flush=True)
-    env = environment()
     records, probes = [], [dict(rates)]
     for spec_str in args.configs:
         path, layers = parse_config_spec(spec_str)
@@ -218,9 +221,9 @@ def run(args) -> list[dict]:
                 ks.append(jax.random.normal(a, shape, jnp.float32))
                 vs.append(jax.random.normal(b, shape, jnp.float32))
             template = kv_cache.KVCache(tuple(ks), tuple(vs), jnp.full((B,), committed, jnp.int32))
-            for (cb, gc, wf, kr), impl in impls.items():
+            for ((cb, gc, wf, kr), impl), pin in itertools.product(impls.items(), pins):
                 base = dict(committed=committed, capacity=capacity, template=template, cache_block=cb,
-                            gemm_columns=gc, whole_cache_fill=wf, cpu_kernel_rows=kr, impl=impl)
+                            gemm_columns=gc, whole_cache_fill=wf, cpu_kernel_rows=kr, impl=impl, pinned=pin)
                 cells.append(dict(base, step="ar", nodes=1, tree=None))
                 for spec in trees:
                     cells.append(dict(base, step="verify", nodes=spec.total_tokens, tree=str(spec),
@@ -232,6 +235,7 @@ def run(args) -> list[dict]:
 
         def call(cell, n):
             """One timed call: n AR tokens (n - 1 forwards) or n verify rounds; the cache is fresh."""
+            runtime.pin_cpu_workers() if cell["pinned"] else runtime.release_cpu_workers()
             fresh = jax.tree.map(jnp.copy, cell["template"])
             jax.block_until_ready(fresh)
             t0 = time.perf_counter()
@@ -289,7 +293,7 @@ def run(args) -> list[dict]:
             step_ms = float(np.median(per)) * 1e3
             rec = {**common, "cache_block": cell["cache_block"], "gemm_columns": cell["gemm_columns"],
                    "whole_cache_fill": round(cell["whole_cache_fill"], 4), "cpu_kernel_rows": cell["cpu_kernel_rows"],
-                   "cpu_kernel": cell["cpu_kernel_rows"] > 0 and cpu_kernel_loaded,
+                   "cpu_kernel": cell["cpu_kernel_rows"] > 0 and cpu_kernel_loaded, "workers_pinned": cell["pinned"],
                    "step": cell["step"], "tree": cell["tree"],
                    "nodes": cell["nodes"],
                    "committed": cell["committed"], "capacity": cell["capacity"],
@@ -315,25 +319,26 @@ def run(args) -> list[dict]:
 
 def variant(r) -> tuple:
     """The attention settings a record was timed with (older records have no gemm_columns / whole_cache_fill /
-    cpu_kernel_rows)."""
-    return r.get("cache_block"), r.get("gemm_columns"), r.get("whole_cache_fill"), r.get("cpu_kernel_rows")
+    cpu_kernel_rows / workers_pinned)."""
+    return (r.get("cache_block"), r.get("gemm_columns"), r.get("whole_cache_fill"), r.get("cpu_kernel_rows"),
+            r.get("workers_pinned"))
 
 
 def variant_label(v) -> str:
-    cb, gc, wf, kr = v
+    cb, gc, wf, kr, pin = v
     return (f"chunk {cb}" + (f", GEMM <= {gc} cols" if gc is not None else "")
             + (f", whole from {wf:.2g}" if wf is not None else "")
-            + (f", CPU kernel <= {kr} rows" if kr else ""))
+            + (f", CPU kernel <= {kr} rows" if kr else "") + (", workers free" if pin is False else ""))
 
 
 def print_table(records):
-    hdr = (f"{'config':<18} {'step':<13} {'chunk':>5} {'gemm':>5} {'krows':>5} {'P':>6} {'cap':>6} {'ms':>9} {'floor ms':>9} {'bound':>7} "
+    hdr = (f"{'config':<18} {'step':<13} {'chunk':>5} {'gemm':>5} {'krows':>5} {'pin':>4} {'P':>6} {'cap':>6} {'ms':>9} {'floor ms':>9} {'bound':>7} "
            f"{'ratio':>6} {'vs AR':>6}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for r in records:
         step = r["step"] if r["step"] == "ar" else f"v {r['tree']}"
         vs = f"{r['vs_ar']:.2f}" if "vs_ar" in r else ""
-        print(f"{r['config']:<18} {step:<13} {r.get('cache_block', ''):>5} {r.get('gemm_columns', ''):>5} {r.get('cpu_kernel_rows', ''):>5} {r['committed']:>6} {r['capacity']:>6} {r['step_ms']:>9.3f} "
+        print(f"{r['config']:<18} {step:<13} {r.get('cache_block', ''):>5} {r.get('gemm_columns', ''):>5} {r.get('cpu_kernel_rows', ''):>5} {'-' if r.get('workers_pinned') is None else 'on' if r['workers_pinned'] else 'off':>4} {r['committed']:>6} {r['capacity']:>6} {r['step_ms']:>9.3f} "
               f"{r['floor_ms']:>9.3f} {r['bound']:>7} {r['ratio']:>6.2f} {vs:>6}" + ("  (probe)" if r["probe"] else ""))
 
 
@@ -486,6 +491,9 @@ def build_parser():
     ap.add_argument("--cpu-kernel-rows", type=int, nargs="+", default=None,
                     help="query rows per KV head up to which a cache read runs the compiled CPU kernel "
                          "(cpu_kernels; 0 = never), each its own cells; default: the library's")
+    ap.add_argument("--pin-workers", nargs="+", choices=("on", "off"), default=["on"],
+                    help="XLA:CPU's worker threads pinned one per core (sparrow_jax.runtime, the default) or free; "
+                         "both: each its own cells, interleaved")
     ap.add_argument("--label", default="", help="names the code measured in each record (field `code`), e.g. for "
                     "before/after runs of two checkouts")
     ap.add_argument("--stream-mib", type=int, default=512, help="array size of the bandwidth probe")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparrow_jax import runtime
 from sparrow_jax.decoding import engine as E
 from sparrow_jax.decoding import placement as PL
 from sparrow_jax.decoding import tree_choice
@@ -368,6 +369,7 @@ class SpecDecoder:
         self.draft_source = draft_source or (str(draft_dir) if draft_dir is not None else
                                              "draft" if draft is not None else RANDOM_DRAFT)
         self.tgraph, self.tparams = nnx.split(target)  # split once: every call hits the same compiled programs
+        runtime.pin_cpu_workers()  # CPU backend: one worker per core even after idle (runtime.py)
         self._random_drafts: dict[str, SparrowDraft] = {}
         self.mesh_spec: PL.MeshSpec | None = None  # where the parameters are placed now (None: one device)
         self.placement: PL.Placement | None = None

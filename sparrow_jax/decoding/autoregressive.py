@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from sparrow_jax.models import registry
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
+from sparrow_jax.runtime import graph_jit
 from sparrow_jax.training.sharding import RULES
 
 
@@ -79,7 +79,8 @@ class ARState:
     key: jax.Array
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "impl"), donate_argnames=("cache",))
+@graph_jit(graphs=("graphdef",), static_argnames=("graphdef", "max_new_tokens", "eos_ids", "impl"),
+           donate_argnames=("cache",))
 def ar_loop(graphdef, params, cache: KVCache, last_logits_BV, rope_delta_B, key, sampling: SamplingArrays | None = None,
             emit_id=None, key_visible_LBS=None, *, max_new_tokens: int, eos_ids: tuple[int, ...] = (),
             impl: AttentionImpl = XLA) -> GenerationResult:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +41,7 @@ from sparrow_jax.models import target as tg
 from sparrow_jax.models import views
 from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit
+from sparrow_jax.runtime import graph_jit
 
 # Decode modes and the draft view each runs (models/views.py): text_only = Sparrow/EAGLE (view none),
 # ivsb_mid = bridged layer-m* visual states, full_visual = MSD-style, pruned_visual = pruned-visual
@@ -152,7 +152,7 @@ def draft_sequence(draft, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, impl: Attent
     return draft.run_layers(x, pos_BP, attn_lib.MaskSpec(kv_len_B=len_B, causal=True), impl=impl)
 
 
-@partial(jax.jit, static_argnames=("dgraph", "capacity", "impl", "outputs"))
+@graph_jit(graphs=("dgraph",), static_argnames=("dgraph", "capacity", "impl", "outputs"))
 def draft_prefill(dgraph, dparams, e_BPD, hprev_BPD, text_BP, pos_BP, len_B, next_pos_B, *, capacity: int,
                   impl: AttentionImpl = XLA, outputs: bool = False):
     """Run the draft over its prompt items and return its cache (rows valid up to len_B; the next item
@@ -338,7 +338,7 @@ class LoopState:
     key: jax.Array
 
 
-@partial(jax.jit, static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
+@graph_jit(graphs=("tgraph", "dgraph"), static_argnames=("tgraph", "dgraph", "cfg"), donate_argnames=("tcache", "dcache"))
 def speculative_loop(tgraph, tparams, dgraph, dparams, tcache: KVCache, dcache: KVCache, last_logits_BV,
                      last_hidden_BD, rope_delta_B, key, sampling: SamplingArrays | None = None, emit_id=None, *,
                      cfg: EngineConfig) -> SpecResult:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from sparrow_jax.models import attention as attn_lib
 from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit as _commit_cache, write_rows
+from sparrow_jax.runtime import graph_jit
 
 SEQ_BUCKET = 64  # prompt lengths, text-position and visual-position counts are padded to this multiple
 VISION_CHUNK_PATCHES = 16384  # vision-tower patches per call in `prefill` (one compile per chunk shape)
@@ -209,7 +209,7 @@ def _attention_pruned_idx(batch: PrefillBatch, score_BT, P: int):
     return order.astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "impl"))
+@graph_jit(graphs=("graphdef",), static_argnames=("graphdef", "impl"))
 def _encode_chunk(graphdef, params, pixels, layout, impl: AttentionImpl):
     return nnx.merge(graphdef, params).encode_chunk(pixels, layout, impl)
 
@@ -304,7 +304,7 @@ def lower_prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_sta
                                       states=states, key_visible_LBS=key_visible_LBS)]
 
 
-@partial(jax.jit, static_argnames=("graphdef", "capacity", "m_star", "impl", "states"))
+@graph_jit(graphs=("graphdef",), static_argnames=("graphdef", "capacity", "m_star", "impl", "states"))
 def _prefill(graphdef, params, batch: PrefillBatch, *, capacity: int, m_star: int, impl: AttentionImpl = XLA,
              states: bool = False, key_visible_LBS=None) -> PrefillOutput:
     model = nnx.merge(graphdef, params)
@@ -355,7 +355,7 @@ def verify_fn(model, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, imp
     return VerifyOutput(model.logits(h_BND).astype(jnp.float32), h_BND, kvs)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "impl"))
+@graph_jit(graphs=("graphdef",), static_argnames=("graphdef", "impl"))
 def verify(graphdef, params, cache: KVCache, tokens_BN, positions_BN, tree_mask_BNN, *,
            impl: AttentionImpl = XLA) -> VerifyOutput:
     """Target forward over N block tokens: each sees the committed cache plus its tree ancestors

@@ -11,7 +11,6 @@ is the command line.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import XLA, AttentionImpl
 from sparrow_jax.models.kv_cache import KVCache, commit as commit_cache
 from sparrow_jax.models.registry import prepare_batch_for
+from sparrow_jax.runtime import graph_jit
 from sparrow_jax.synthetic import world as W
 
 CONDITIONS = ("real", "blank", "shuffled")
@@ -55,7 +55,7 @@ def condition_visual(scene: W.Scene, condition: str, cfg: W.WorldConfig = W.Worl
     return W.visual_from_frames(frames, cfg, roundtrip=True)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "impl"))
+@graph_jit(graphs=("graphdef",), static_argnames=("graphdef", "impl"))
 def extend(graphdef, params, cache: KVCache, tokens_BN, len_B, rope_delta_B, *, impl: AttentionImpl = XLA):
     """Append row b's first len_B[b] tokens to its committed prompt, as a causal chain at the next text
     positions (what a longer prompt would have there). Returns the new cache (the given one is kept, so

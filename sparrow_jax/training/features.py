@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 
 import jax
@@ -18,6 +18,7 @@ from sparrow_jax.decoding.autoregressive import generate
 from sparrow_jax.models import registry
 from sparrow_jax.models import target as tg
 from sparrow_jax.models.attention import MaskSpec
+from sparrow_jax.runtime import graph_jit
 from sparrow_jax.training.data import FEATURE_FORMAT, FeatureRecord, Sample, SlotSpec, TrainBatch, collate, \
     read_index, sample_sequence, text_layout, write_shard
 
@@ -68,7 +69,7 @@ def target_features(target, batch: tg.PrefillBatch, spec: FeatureSpec, prompt_le
     return tg._gather_rows(h_BTD, idx), tg.hidden_before(h_BTD, idx), vis, score
 
 
-@partial(jax.jit, static_argnames=("graphdef", "spec"))
+@graph_jit(graphs=("graphdef",), static_argnames=("graphdef", "spec"))
 def _features_jit(graphdef, params, batch, spec, prompt_len_B):
     return target_features(nnx.merge(graphdef, params), batch, spec, prompt_len_B)
 

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import time
-from functools import partial
 from pathlib import Path
 
 import jax
@@ -34,6 +33,7 @@ from sparrow_jax.models import registry, views
 from sparrow_jax.models.attention import IMPL_KINDS, AttentionImpl
 from sparrow_jax.models.draft import DraftConfig, SparrowDraft
 from sparrow_jax.models.target import default_m_star
+from sparrow_jax.runtime import graph_jit
 from sparrow_jax.training import checkpoint_guard as guard
 from sparrow_jax.training import sharding as shd
 from sparrow_jax.training.data import CurriculumBatches, ShardSource, SlotSpec, TrainBatch, collate, index_pipeline, \
@@ -561,7 +561,7 @@ class Trainer:
         return {k: float(v) for k, v in m.items()}
 
 
-@partial(jax.jit, static_argnames=("dgraph", "tgraph", "lcfg"))
+@graph_jit(graphs=("dgraph", "tgraph"), static_argnames=("dgraph", "tgraph", "lcfg"))
 def loss_on_batch(dgraph, dparams, tgraph, tparams, batch, lcfg: LossConfig):
     """The training loss of one batch (offline TrainBatch or OnlineBatch), no update."""
     target = nnx.merge(tgraph, tparams)
