@@ -200,7 +200,8 @@ class Decoders:
             t2 = time.perf_counter()
             out = {"prompt_bucket": int(batch.input_ids_BT.shape[1])}
         else:
-            p = E.prepare(self.model, self.drafts[method]["draft"], prompts, ecfg, mode=self.drafts[method]["mode"])
+            p = E.prepare(self.model, self.drafts[method]["draft"], prompts, ecfg, mode=self.drafts[method]["mode"],
+                          split=((self.tgraph, self.tparams), self.split[method]))
             jax.block_until_ready((p.pre, p.dcache))
             t1 = time.perf_counter()
             dgraph, dparams = self.split[method]

@@ -371,6 +371,7 @@ class SpecDecoder:
         self.tgraph, self.tparams = nnx.split(target)  # split once: every call hits the same compiled programs
         runtime.pin_cpu_workers()  # CPU backend: one worker per core even after idle (runtime.py)
         self._random_drafts: dict[str, SparrowDraft] = {}
+        self._draft_splits: dict[int, tuple] = {}  # id(draft) -> (draft, (dgraph, dparams)), redone by `place`
         self.mesh_spec: PL.MeshSpec | None = None  # where the parameters are placed now (None: one device)
         self.placement: PL.Placement | None = None
         self.place(config.mesh)
@@ -393,7 +394,15 @@ class SpecDecoder:
                 PL.place_model(d, on)
         self.mesh_spec = spec
         self.tgraph, self.tparams = nnx.split(self.target)
+        self._draft_splits = {}
         return self.placement
+
+    def _split_draft(self, draft) -> tuple:
+        """(dgraph, dparams) of a draft, split once per placement (one GraphDef object: its hash is cached)."""
+        hit = self._draft_splits.get(id(draft))
+        if hit is None or hit[0] is not draft:
+            hit = self._draft_splits[id(draft)] = (draft, nnx.split(draft))
+        return hit[1]
 
     @classmethod
     def from_pretrained(cls, target_dir, draft_dir=None, *, config: DecodeConfig | None = None,
@@ -518,11 +527,12 @@ class SpecDecoder:
                        batch)
         draft = self.draft_for(config.mode)
         m_star = config.m_star or draft.cfg.m_star or tg.default_m_star(tcfg.num_layers)
-        dgraph, dparams = nnx.split(draft)
+        dgraph, dparams = self._split_draft(draft)
         t0 = time.perf_counter()
         p = E.prepare(self.target, draft, prompts, ecfg, mode=ENGINE_MODE[config.mode],
                       keep_fraction=config.keep_fraction, prune_by=config.prune_by, m_star=config.m_star,
-                      allow_view_mismatch=config.force_view, placement=placement)
+                      allow_view_mismatch=config.force_view, placement=placement,
+                      split=((self.tgraph, self.tparams), (dgraph, dparams)))
         jax.block_until_ready((p.pre, p.dcache))
         t1 = time.perf_counter()
         res = jax.block_until_ready(E.speculative_generate(

@@ -428,13 +428,15 @@ class Prepared:
 def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str = "text_only",
             keep_fraction: float | None = None, prune_by: str | None = None, m_star: int | None = None,
             prepare_batch=None, allow_view_mismatch: bool = False, draft_outputs: bool = False,
-            placement: Placement | None = None) -> Prepared:
+            placement: Placement | None = None, split=None) -> Prepared:
     """Host: build the padded batch for `mode`, run the target prefill and the draft prefill.
 
     `mode` runs a visual view (views.MODE_VIEW); a draft trained for another view
     (`draft.cfg.visual_view`) is refused (views.ViewMismatchError) unless `allow_view_mismatch`.
     m*, and for pruned_visual the kept fraction and rule ("uniform": evenly spaced; "attention": most
-    attended by the last prompt token at layer m*), default to what the draft was trained with."""
+    attended by the last prompt token at layer m*), default to what the draft was trained with.
+    `split`: the models' ((tgraph, tparams), (dgraph, dparams)) when the caller keeps them (a fresh
+    `nnx.split` per call costs the host a split and a GraphDef hash, ~3 ms for the tiny target)."""
     dcfg = draft_model.cfg
     view = views.check_draft_view(dcfg.visual_view, mode, allow_mismatch=allow_view_mismatch)
     keep_fraction = dcfg.visual_keep_fraction if keep_fraction is None else keep_fraction
@@ -451,8 +453,7 @@ def prepare(target_model, draft_model, prompts, cfg: EngineConfig, *, mode: str 
     lay = draft_layout(prompts, view, keep_fraction=keep_fraction, prune_by=prune_by)
     batch = dataclasses.replace(batch, draft_idx_BP=lay.idx_BP, draft_len_B=lay.len_B, draft_keep_vis_B=lay.keep_vis_B,
                                 draft_by_attention=lay.by_attention, draft_visual_state=views.visual_state(view))
-    tgraph, tparams = nnx.split(target_model)
-    dgraph, dparams = nnx.split(draft_model)
+    (tgraph, tparams), (dgraph, dparams) = split or (nnx.split(target_model), nnx.split(draft_model))
     pre = tg.prefill(tgraph, tparams, batch, capacity=cache_capacity(T, cfg.max_new_tokens, cfg.cache_slack),
                      m_star=m_star, impl=cfg.impl, placement=placement)
     items = (pre.draft_e_BPD, pre.draft_hprev_BPD, pre.draft_text_BP, lay.pos_BP, lay.len_B, lay.next_pos_B)
