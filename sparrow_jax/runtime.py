@@ -4,10 +4,10 @@ per CPU, and jitted entry points whose model GraphDef is hashed once (`graph_jit
 Why: XLA:CPU runs a program's ops on a pool of worker threads (one per CPU the process may use) while the
 calling thread waits. When the process has been idle (between requests, or the 0.3 s of rest a benchmark
 takes before each timed run), Linux wakes the sleeping workers onto the waker's CPU and takes tens of
-milliseconds to spread them again, so a whole short call runs on one core: the tiny target's prefill at
-8 s of video measured 35-38 ms after 50-300 ms of idle against 21-24 ms back to back, with the process's
-CPU time equal to its wall time (one core busy). Pinned one per CPU, the same call ran in 21-24 ms
-either way (BENCHMARKS.md, "Prefill after idle"). Serving stacks do the same (vLLM's CPU backend binds
+milliseconds to spread them again, so a whole short call runs on one core: the tiny target's LM prefill
+at 8 s of video measured 35-38 ms after 50-300 ms of idle against 21-24 ms back to back, with the
+process's CPU time equal to its wall time (one core busy). Pinned one per CPU, the same call ran in
+21-23 ms either way; the whole 8 s prefill 50-58 -> 37-40 ms (BENCHMARKS.md, "Prefill after idle"). Serving stacks do the same (vLLM's CPU backend binds
 its OpenMP threads to cores by default).
 
 `pin_cpu_workers()` is called by `SpecDecoder` (so decode.py) and the benchmarks on the CPU backend;
@@ -50,7 +50,7 @@ def cpu_worker_threads() -> list[int]:
 
 
 def worker_affinity() -> dict[int, list[int]]:
-    """{worker thread id: the CPUs it may run on} — what benchmark records report."""
+    """{worker thread id: the CPUs it may run on}, to check or report the pinning."""
     out = {}
     for tid in cpu_worker_threads():
         try:
