@@ -369,7 +369,8 @@ class SpecDecoder:
         self.draft_source = draft_source or (str(draft_dir) if draft_dir is not None else
                                              "draft" if draft is not None else RANDOM_DRAFT)
         self.tgraph, self.tparams = nnx.split(target)  # split once: every call hits the same compiled programs
-        runtime.pin_cpu_workers()  # CPU backend: one worker per core even after idle (runtime.py)
+        # CPU backend: one worker per core even after idle (runtime.py); records say how many were pinned
+        self.cpu_workers_pinned = len(runtime.pin_cpu_workers())
         self._random_drafts: dict[str, SparrowDraft] = {}
         self._draft_splits: dict[int, tuple] = {}  # id(draft) -> (draft, (dgraph, dparams)), redone by `place`
         self.mesh_spec: PL.MeshSpec | None = None  # where the parameters are placed now (None: one device)
@@ -557,11 +558,12 @@ class SpecDecoder:
 
     def record(self, run: Run, row: int = 0) -> dict:
         """The metrics record of a run for one row (decode.py's JSON line without the row's text):
-        mode, target, draft, tree, m*, batch, the row's sampling, timings, τ and acceptance per depth
-        (speculative runs, over the batch), the DecodeConfig as a dict."""
+        mode, target, draft, tree, m*, batch, the row's sampling, timings (and how many XLA:CPU workers were
+        pinned, `runtime`), τ and acceptance per depth (speculative runs, over the batch), the DecodeConfig."""
         spec, s = run.speculative, run.config.row_sampling(row)
         return {"mode": run.config.mode, "target": self.target_source, "draft": self.draft_source if spec else None,
                 "tree": str(run.tree) if spec else None, "max_draft_tokens": run.tree.max_draft_tokens if spec else None,
                 "m_star": run.m_star, "batch": int(run.tokens_BM.shape[0]), "temperature": s.temperature,
                 "top_p": s.top_p, "top_k": s.top_k, "prefill_s": run.prefill_s, "decode_s": run.decode_s,
-                **run.acceptance(), "config": dataclasses.asdict(run.config)}
+                "cpu_workers_pinned": self.cpu_workers_pinned, **run.acceptance(),
+                "config": dataclasses.asdict(run.config)}

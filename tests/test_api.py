@@ -5,6 +5,7 @@ tokens; the DecodeConfig a JSON line records rebuilds the run."""
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import decode  # noqa: E402
 import sparrow_jax  # noqa: E402
-from sparrow_jax import DecodeConfig, SamplingParams, SpecDecoder, VisionOptions  # noqa: E402
+from sparrow_jax import DecodeConfig, SamplingParams, SpecDecoder, VisionOptions, runtime  # noqa: E402
 from sparrow_jax.api import DecodeConfigError  # noqa: E402
 from sparrow_jax.decoding import engine as E  # noqa: E402
 from sparrow_jax.decoding.autoregressive import ar_loop  # noqa: E402
@@ -101,6 +102,10 @@ def test_sparrow_output_is_the_targets_greedy_output(decoder, clip):
     assert m["mode"] == "sparrow" and m["draft"] == str(DRAFT) and m["config"]["tree"] == "auto" and m["tree"]
     assert m["tau"] > 1.0, "the shipped draft is accepted: more than one token per verify round"
     assert ar[0].metrics["tree"] is None and "tau" not in ar[0].metrics
+    # the timings say whether XLA:CPU's workers ran pinned (sparrow_jax.runtime; on by default on the CPU)
+    assert m["cpu_workers_pinned"] == decoder.cpu_workers_pinned
+    if runtime.pin_enabled() and jax.default_backend() == "cpu" and len(os.sched_getaffinity(os.getpid())) > 1:
+        assert m["cpu_workers_pinned"] == len(runtime.cpu_worker_threads()) > 0
 
 
 def readme_example() -> str:
