@@ -152,7 +152,7 @@ def static_graph(graphdef) -> StaticGraph:
 def graph_jit(*, graphs: tuple[str, ...], static_argnames: tuple[str, ...] = (), donate_argnames=()):
     """`jax.jit` for a function whose arguments named in `graphs` are nnx GraphDefs (static): callers pass
     GraphDefs (or StaticGraphs), jax sees StaticGraphs, the function body sees the GraphDefs. The result
-    keeps jit's `lower` and `_cache_size`."""
+    keeps jit's `lower`, `trace`, `eval_shape` and `_cache_size`."""
     assert set(graphs) <= set(static_argnames), (graphs, static_argnames)
 
     def decorate(fn):
@@ -183,11 +183,15 @@ def graph_jit(*, graphs: tuple[str, ...], static_argnames: tuple[str, ...] = (),
             args, kwargs = convert(args, kwargs, static_graph)
             return jitted(*args, **kwargs)
 
-        def lower(*args, **kwargs):
-            args, kwargs = convert(args, kwargs, static_graph)
-            return jitted.lower(*args, **kwargs)
+        def staged(method):
+            def run(*args, **kwargs):
+                args, kwargs = convert(args, kwargs, static_graph)
+                return method(*args, **kwargs)
+            return run
 
-        call.lower, call._cache_size, call.jitted = lower, jitted._cache_size, jitted
+        call.lower, call.trace, call.eval_shape = (staged(jitted.lower), staged(jitted.trace),
+                                                   staged(jitted.eval_shape))
+        call._cache_size, call.jitted = jitted._cache_size, jitted
         return call
 
     return decorate

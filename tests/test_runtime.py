@@ -100,6 +100,8 @@ def test_graph_jit_matches_the_module_and_hashes_each_graphdef_once(monkeypatch)
     assert _apply._cache_size() == before
     assert jax.numpy.allclose(_apply(graphdef=g2, params=p2, x=x, scale=3.0), expected)  # keywords
     assert "dot_general" in _apply.lower(g, p, x, scale=3.0).as_text()
+    assert "dot_general" in _apply.trace(g, p, x, scale=3.0).lower().as_text()
+    assert _apply.eval_shape(g, p, x, scale=3.0).shape == expected.shape
 
 
 def test_static_graph_equality_and_interning():
