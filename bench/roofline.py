@@ -148,7 +148,6 @@ def synthetic_tree(spec, batch: int, rng):
 
 def run(args) -> list[dict]:
     """All cells of one invocation -> the records (also written to --jsonl)."""
-    import functools  # noqa: PLC0415
 
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -173,7 +172,7 @@ def run(args) -> list[dict]:
     if args.ar_steps + 1 > args.max_new_tokens or args.verify_rounds * max([t.max_draft_tokens for t in trees] + [0]) > slack + args.max_new_tokens:
         raise SystemExit("--ar-steps / --verify-rounds must fit the cache's room (--max-new-tokens + slack)")
 
-    @functools.partial(jax.jit, static_argnames=("tgraph", "cfg"), donate_argnames=("tcache",))
+    @runtime.graph_jit(graphs=("tgraph",), static_argnames=("tgraph", "cfg"), donate_argnames=("tcache",))
     def verify_rounds(tgraph, tparams, tcache, tree, rope_delta_B, key, rounds, *, cfg):
         """`rounds` target halves of an engine round: verify_phase + commit of the accepted path."""
         target = nnx.merge(tgraph, tparams)
